@@ -19,6 +19,7 @@ from .api import (
 )
 from .audit import AuditData, AuditReport, audit
 from .config import LotionConfig
+from .curvature import curvature_step, sampled_target_loss
 from .convert import ConvertReport, conversion_report, convert  # torchao export (issue 4)
 from .formats import FORMATS, Format, get_format
 from .reference import fake_quantize, quantize, rounding_variance
@@ -38,6 +39,8 @@ __all__ = [
     "LotionSmoother",
     "PreparedInfo",
     "attach_optimizer",
+    "curvature_step",
+    "sampled_target_loss",
     "ConvertReport", "conversion_report", "convert",  # export (issue 4)
     "fake_quantize",
     "get_format",

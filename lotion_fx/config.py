@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 from .formats import get_format
 
 METHODS = ("lotion", "lotion_sampled", "qat", "ptq", "none")
-CURVATURES = ("ema", "adam")
+CURVATURES = ("gn_sampled", "ema", "adam")
+# EMA decay of g when the config leaves beta=None: per optimizer step for `ema`, per refresh
+# (every `curvature_every` steps) for `gn_sampled`.
+DEFAULT_BETA = {"ema": 0.999, "gn_sampled": 0.95, "adam": 0.999}
+# lam warm-up (optimizer steps) when the config leaves lam_warmup=None: curvature_step advances it,
+# so only the estimator that needs that call in the loop gets one (README: choosing the default).
+DEFAULT_LAM_WARMUP = {"gn_sampled": 500, "ema": 0, "adam": 0}
 
 
 @dataclass(frozen=True)
@@ -21,13 +27,23 @@ class LotionConfig:
         "none" (capture and pass only; the node is the identity).
     format / block_size: the deployment format and its block ("row", "tensor", k columns, or
         None for the format's default: int8 per row, int4 32, nvfp4 16, mxfp4 32).
-    lam: weight of the penalty (lam / 2) * sum g * sigma^2.
-    curvature: "ema" (own EMA of squared task-loss gradients, updated in backward) or "adam"
-        (the optimizer's exp_avg_sq, after `attach_optimizer`).
-    curvature_scale: multiplies g. Squared mini-batch-mean gradients underestimate the
-        per-example Gauss-Newton diagonal by about the batch size; set this to the batch size
-        (in examples or tokens per step) to recover that scale. See the README for what we measured.
-    beta: EMA decay of the `ema` curvature (bias-corrected like Adam).
+    lam: weight of the penalty (lam / 2) * sum g * sigma^2. With a curvature of the right scale
+        (`gn_sampled`), lam = 1 is the second-order expansion of E[L(SR(w))].
+    lam_warmup: optimizer steps (calls of `lotion_fx.curvature_step`) over which lam ramps linearly
+        from 0 (None: 500 for "gn_sampled", 0 for "ema"/"adam"; 0 = constant lam from the first step). Full strength from the start
+        snaps weights to the grid before they have settled (README: choosing the default). Only
+        curvature_step advances it: without that call lam stays at its step-0 value.
+    curvature: where g, the diagonal Gauss-Newton estimate, comes from.
+        "gn_sampled" (default): a backward with targets sampled from the model's own predictions,
+        every `curvature_every` steps, in `lotion_fx.curvature_step(model, inputs)`; unbiased for
+        the GN diagonal of a loss that is a mean over examples/tokens (README: the estimators).
+        "ema": EMA of squared task-loss (batch-mean) gradients, updated in the backward (no loop
+        change; about a batch size too small, and zero when the fit is exact).
+        "adam": the optimizer's exp_avg_sq, after `attach_optimizer` (same scale as "ema").
+    curvature_every: steps between two sampled-target backward passes of "gn_sampled".
+    curvature_scale: multiplies g (1 = the estimator's own scale).
+    beta: EMA decay of g (bias-corrected like Adam); None = 0.999 for "ema" (per step), 0.95 for
+        "gn_sampled" (per refresh).
     grad_accum_steps: micro-batches per optimizer step; the loss is assumed divided by it, as in
         the usual accumulation loop. The penalty gradient is split across micro-steps so that it
         counts once per optimizer step, and the gradient fed to the EMA is rescaled to full size.
@@ -39,9 +55,11 @@ class LotionConfig:
     format: str = "int4"
     block_size: int | str | None = None
     lam: float = 1.0
-    curvature: str = "ema"
+    lam_warmup: int | None = None
+    curvature: str = "gn_sampled"
+    curvature_every: int = 10
     curvature_scale: float = 1.0
-    beta: float = 0.999
+    beta: float | None = None
     grad_accum_steps: int = 1
     skip: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
@@ -50,6 +68,11 @@ class LotionConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose one of {list(METHODS)}")
         get_format(self.format)
+        if isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size < 1:
+            raise ValueError(
+                f"block_size must be a positive int, 'row', 'tensor' or None, got {self.block_size!r}"
+                + (" (for one block per tensor pass block_size='tensor')" if self.block_size == 0 else "")
+            )
         if self.curvature not in CURVATURES:
             raise ValueError(
                 f"unknown curvature {self.curvature!r}: choose one of {list(CURVATURES)}"
@@ -58,10 +81,16 @@ class LotionConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.beta is None:
+            object.__setattr__(self, "beta", DEFAULT_BETA[self.curvature])
+        if self.lam_warmup is None:
+            object.__setattr__(self, "lam_warmup", DEFAULT_LAM_WARMUP[self.curvature])
         if not (0.0 <= self.beta < 1.0):
             raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
-        if not (isinstance(self.grad_accum_steps, int) and self.grad_accum_steps >= 1):
-            raise ValueError(f"grad_accum_steps must be an int >= 1, got {self.grad_accum_steps!r}")
+        for name, low in (("grad_accum_steps", 1), ("curvature_every", 1), ("lam_warmup", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
         if isinstance(self.skip, str):
             object.__setattr__(self, "skip", (self.skip,))
         else:

@@ -94,8 +94,8 @@ def _apply_after_reduction(
     """
     c = sm.config
     count = sm.count
-    factor = R.curvature_factor(count, c.beta, c.curvature_scale)
-    pen = penalty_grad_rows(w, g * factor.to(g.device), sm.fmt, sm.block, c.lam, tensor_amax)
+    factor = R.curvature_factor(count, c.beta, c.curvature_scale) * sm.lam_now
+    pen = penalty_grad_rows(w, g * factor.to(g.device), sm.fmt, sm.block, 1.0, tensor_amax)
     R.ema_update_(g, count, grad, c.beta)
     grad.add_(pen.to(grad.dtype))
 

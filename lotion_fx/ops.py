@@ -18,9 +18,9 @@ def lotion_smooth(
     w: Tensor,
     g: Tensor,
     count: Tensor,
+    weight: Tensor,
     fmt: str,
     block: int,
-    lam: float,
     beta: float,
     curvature_scale: float,
     grad_accum_steps: int,
@@ -31,25 +31,27 @@ def lotion_smooth(
 
 
 @lotion_smooth.register_fake
-def _(w, g, count, fmt, block, lam, beta, curvature_scale, grad_accum_steps, update_curvature):
+def _(w, g, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps, update_curvature):
     return torch.empty_like(w)
 
 
 def lotion_backward_math(
-    grad: Tensor, w: Tensor, g: Tensor, count: Tensor, fmt: str, block: int, lam: float,
+    grad: Tensor, w: Tensor, g: Tensor, count: Tensor, weight: Tensor, fmt: str, block: int,
     beta: float, curvature_scale: float, grad_accum_steps: int, update_curvature: bool,
 ) -> Tensor:
-    """grad + d/dw (lam/2) sum g_hat sigma^2, then fold the task gradient into the EMA of g.
+    """grad + d/dw (weight/2) sum g_hat sigma^2; with update_curvature, then fold grad^2 into g.
 
-    The penalty uses g as it was *before* this backward (curvature from earlier steps), so it is a
-    function of (w, g) alone: identical on every data-parallel rank, and zero at the first step.
-    With curvature from Adam (update_curvature=False) g and count are the optimizer's
-    exp_avg_sq and step, read only. g_hat = curvature_scale * g / (1 - beta^count).
+    g_hat = curvature_scale * g / (1 - beta^count) is the curvature from *before* this backward, so
+    the penalty is a function of (w, g) alone: identical on every data-parallel rank, zero until g
+    has data. `weight` (0-dim) is lam times its schedule, read when the backward runs (the smoother
+    sets it to 0 for the sampled-target pass of curvature_step). update_curvature is the `ema`
+    estimator (g from the task gradient); `gn_sampled` folds g in curvature_step instead, and with
+    `adam` g and count are the optimizer's exp_avg_sq and step, read only.
     Traceable (the Inductor lowering reuses it), so eager and compiled share one body.
     """
     block = int(block)  # a SymInt under Dynamo; blocks are static
-    factor = R.curvature_factor(count, beta, curvature_scale)
-    pen = R.penalty_grad(w, g * factor, fmt, block, lam) / grad_accum_steps
+    factor = R.curvature_factor(count, beta, curvature_scale) * weight
+    pen = R.penalty_grad(w, g.float() * factor, fmt, block, 1.0) / grad_accum_steps
     if update_curvature:
         R.ema_update_(g, count, grad * grad_accum_steps, beta)  # undo the 1/k of accumulation
     return grad + pen.to(grad.dtype)
@@ -61,9 +63,9 @@ def lotion_backward(
     w: Tensor,
     g: Tensor,
     count: Tensor,
+    weight: Tensor,
     fmt: str,
     block: int,
-    lam: float,
     beta: float,
     curvature_scale: float,
     grad_accum_steps: int,
@@ -71,28 +73,29 @@ def lotion_backward(
 ) -> Tensor:
     """The lotion backward as one op (see lotion_backward_math); mutates g and count."""
     return lotion_backward_math(
-        grad, w, g, count, fmt, block, lam, beta, curvature_scale, grad_accum_steps, update_curvature
+        grad, w, g, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps,
+        update_curvature,
     )
 
 
 @lotion_backward.register_fake
-def _(grad, w, g, count, fmt, block, lam, beta, curvature_scale, grad_accum_steps, update_curvature):
+def _(grad, w, g, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps, update_curvature):
     return torch.empty_like(grad)
 
 
 def _lotion_setup(ctx, inputs, output):
-    w, g, count, *rest = inputs
+    w, g, count, weight, *rest = inputs
     ctx.save_for_backward(w)
-    # g and count are read (and updated) in backward; they are state, not saved activations,
-    # so a second forward before this backward must not trip autograd's version check.
-    ctx.state = (g, count)
+    # g, count and weight are read (and g, count updated) in backward; they are state, not saved
+    # activations, so a second forward before this backward must not trip autograd's version check.
+    ctx.state = (g, count, weight)
     ctx.rest = rest
 
 
 def _lotion_bwd(ctx, grad):
     (w,) = ctx.saved_tensors
-    g, count = ctx.state
-    gw = torch.ops.lotion_fx.lotion_backward(grad, w, g, count, *ctx.rest)
+    g, count, weight = ctx.state
+    gw = torch.ops.lotion_fx.lotion_backward(grad, w, g, count, weight, *ctx.rest)
     return (gw,) + (None,) * 9
 
 

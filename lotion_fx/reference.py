@@ -36,7 +36,7 @@ def resolve_block(block_size: int | str | None, fmt: Format | str, in_features: 
         raise ValueError(
             f"block_size must be a positive int, 'row', 'tensor' or None, got {block_size!r}"
         )
-    if spec == 0:
+    if spec == PER_TENSOR:  # the resolved form of "tensor" (LotionConfig refuses a literal 0)
         return PER_TENSOR
     if in_features % spec != 0:
         divisors = [d for d in (8, 16, 32, 64, 128, 256) if in_features % d == 0]
@@ -193,6 +193,18 @@ def uniform_noise(numel: int, seed: int, step: Tensor | int, device: torch.devic
     idx = torch.arange(numel, dtype=torch.int64, device=device)
     h = hash32(idx ^ key)
     return (h >> 8).to(torch.float32) * (2.0**-24)
+
+
+def to_bfloat16_stochastic(x: Tensor, seed: int, step: Tensor | int) -> Tensor:
+    """fp32 -> bf16 with unbiased stochastic rounding (E = x), noise keyed by (seed, step).
+
+    Round-to-nearest bf16 (8 bits of mantissa) drops an EMA increment below half an ulp, 2^-9 of
+    g: with beta 0.995 most updates would vanish and g would drift. Adding 16 random low bits to
+    the fp32 pattern and truncating keeps the EMA unbiased at 2 bytes of state per weight.
+    """
+    bits = x.float().contiguous().view(torch.int32)
+    noise = (uniform_noise(x.numel(), seed, step, x.device) * 65536.0).to(torch.int32)
+    return ((bits + noise.reshape(x.shape)) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- public ops

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import weakref
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,12 +14,18 @@ from . import ops  # noqa: F401  (registers torch.ops.lotion_fx)
 from . import reference as R
 from .config import LotionConfig
 
+# g's storage: the sampled-target estimate is written to bf16 with stochastic rounding (unbiased,
+# 2 bytes per weight); the per-step `ema` folds in the backward op, in fp32.
+G_DTYPE = {"gn_sampled": torch.bfloat16, "ema": torch.float32}
+
 
 class LotionSmoother(nn.Module):
     """Routes one Linear weight through the quantize/smoothing op chosen by `config.method`.
 
-    Buffers (saved in the prepared model's state_dict): `g` and `count` for the `ema` curvature
-    of `lotion`; `step` for the noise of `lotion_sampled`.
+    Buffers (saved in the prepared model's state_dict): `config_json` (the LotionConfig as JSON bytes, checked on load): for `lotion`,
+    `lam_now` (lam times its warm-up schedule), `steps` (optimizer steps seen by curvature_step) and,
+    for the `gn_sampled` / `ema` curvature, `g` and `count`; `step` for the noise of
+    `lotion_sampled`. The buffers keep their dtype when the model is cast (`.to(torch.bfloat16)`).
     """
 
     def __init__(
@@ -33,21 +42,76 @@ class LotionSmoother(nn.Module):
         # gradient reduction (on the all-reduced gradient), so the node is the identity.
         self.after_reduction = False
         self._optimizer: weakref.ref | None = None
-        if config.method == "lotion" and config.curvature == "ema":
-            self.register_buffer("g", torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
-            self.register_buffer("count", torch.zeros((), dtype=torch.int64, device=weight.device))
+        dev = weight.device
+        # the config travels in the state dict (as JSON bytes: torch.save and safetensors alike), so a
+        # checkpoint is never loaded into a model prepared differently
+        self.register_buffer("config_json", self.config_json_tensor(dev))
+        if config.method == "lotion":
+            self.register_buffer("lam_now", torch.tensor(self._lam_at(0), dtype=torch.float32, device=dev))
+            self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=dev))
+            if config.curvature in G_DTYPE:
+                self.register_buffer("g", torch.zeros(weight.shape, dtype=G_DTYPE[config.curvature], device=dev))
+                self.register_buffer("count", torch.zeros((), dtype=torch.int64, device=dev))
         if config.method == "lotion_sampled":
-            self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=weight.device))
+            self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=dev))
 
     def extra_repr(self) -> str:
         c = self.config
         return f"{self.param_name}, method={c.method}, format={self.fmt}, block={self.block}"
 
-    def curvature(self, w: Tensor) -> tuple[Tensor, Tensor, float, bool] | None:
-        """(g, count, beta, update) for the penalty, or None while no curvature data exists."""
+    # ------------------------------------------------------------------ state
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # Module.to(dtype)/.half() would cast the curvature state; follow device moves only.
+        def keep_dtype(t: Tensor) -> Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        return super()._apply(keep_dtype, recurse)
+
+    def config_json_tensor(self, device: torch.device | str | None = None) -> Tensor:
+        """This smoother's config (and resolved block) as a uint8 tensor of JSON bytes."""
+        data = json.dumps(self._config_record(), sort_keys=True).encode()
+        dev = device if device is not None else self._buffers["config_json"].device
+        return torch.tensor(list(data), dtype=torch.uint8, device=dev)
+
+    def _config_record(self) -> dict[str, Any]:
+        """What a checkpoint must agree on; grad_accum_steps is the loop's business and may change."""
+        rec = {**dataclasses.asdict(self.config), "skip": list(self.config.skip), "block": self.block}
+        del rec["grad_accum_steps"]
+        return rec
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        saved = state_dict.get(prefix + "config_json")
+        if isinstance(saved, Tensor) and saved.device.type != "meta":
+            theirs = json.loads(bytes(saved.cpu().tolist()).decode())
+            mine = self._config_record()
+            if theirs != mine:
+                diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+                raise ValueError(
+                    f"{self.param_name}: checkpoint was saved under another config (saved, this model): "
+                    f"{diff}; prepare the model with the checkpoint's LotionConfig to resume, or load "
+                    "only the original model's keys (lotion_fx.original(prepared).load_state_dict)"
+                )
+        for name in ("g", "lam_now"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, Tensor) and t.device.type != "meta" and not torch.isfinite(t).all():
+                raise ValueError(
+                    f"{self.param_name}: checkpoint's curvature state {prefix + name!r} holds NaN/Inf; "
+                    "it would NaN the weights within two steps. Load an earlier checkpoint, or drop "
+                    "the lotion.* keys and load with strict=False to restart the curvature from zero"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ curvature
+    def _lam_at(self, step: int) -> float:
         c = self.config
-        if c.curvature == "ema":
-            return self.g, self.count, c.beta, True
+        return c.lam if c.lam_warmup == 0 else c.lam * min(1.0, step / c.lam_warmup)
+
+    def curvature(self, w: Tensor) -> tuple[Tensor, Tensor, float, bool] | None:
+        """(g, count, beta, update-in-backward) for the penalty, or None while no curvature exists."""
+        c = self.config
+        if c.curvature in G_DTYPE:
+            return self.g, self.count, c.beta, c.curvature == "ema"
         opt = self._optimizer() if self._optimizer is not None else None
         if opt is None:
             raise RuntimeError(
@@ -62,6 +126,36 @@ class LotionSmoother(nn.Module):
         step = step if isinstance(step, Tensor) else torch.tensor(float(step))
         return state["exp_avg_sq"], step, beta2, False
 
+    def g_hat(self, w: Tensor) -> Tensor | None:
+        """The curvature the penalty uses now (bias-corrected, times curvature_scale), fp32; None
+        before the estimator has data (no penalty yet)."""
+        curv = self.curvature(w) if self.config.method == "lotion" else None
+        if curv is None or float(curv[1]) == 0:
+            return None
+        g, count, beta, _ = curv
+        return g.float() * R.curvature_factor(count, beta, self.config.curvature_scale).to(g.device)
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """One optimizer step passed: move lam along its warm-up schedule."""
+        self.steps.add_(1)
+        self.lam_now.fill_(self._lam_at(int(self.steps)))
+
+    @torch.no_grad()
+    def set_penalty_enabled(self, enabled: bool) -> None:
+        """Off for the sampled-target backward of curvature_step: its gradient must be the task's alone."""
+        self.lam_now.fill_(self._lam_at(int(self.steps)) if enabled else 0.0)
+
+    @torch.no_grad()
+    def fold_sampled(self, grad_sq: Tensor) -> None:
+        """g <- beta g + (1 - beta) grad_sq, count += 1 (grad_sq: a sampled-target squared gradient)."""
+        beta = self.config.beta
+        new = beta * self.g.float() + (1.0 - beta) * grad_sq.float()
+        if self.g.dtype == torch.bfloat16:
+            new = R.to_bfloat16_stochastic(new, self.seed, self.count)
+        self.g.copy_(new)
+        self.count.add_(1)
+
     def forward(self, w: Tensor) -> Tensor:
         c = self.config
         if self.passthrough or not self.training or c.method in ("none", "ptq"):
@@ -71,7 +165,7 @@ class LotionSmoother(nn.Module):
         if c.method == "lotion_sampled":
             self.step.add_(1)
             return torch.ops.lotion_fx.sr_quantize(w, self.step, self.fmt, self.block, self.seed)
-        # lotion: identity forward; the penalty gradient and curvature update run in backward.
+        # lotion: identity forward; the penalty gradient (and the `ema` update) run in backward.
         if self.after_reduction or not (torch.is_grad_enabled() and w.requires_grad):
             return w
         curv = self.curvature(w)
@@ -79,17 +173,15 @@ class LotionSmoother(nn.Module):
             return w
         g, count, beta, update = curv
         return torch.ops.lotion_fx.lotion_smooth(
-            w, g, count, self.fmt, self.block, c.lam, beta, c.curvature_scale,
+            w, g, count, self.lam_now, self.fmt, self.block, beta, c.curvature_scale,
             c.grad_accum_steps, update,
         )
 
     @torch.no_grad()
     def penalty(self, w: Tensor) -> Tensor:
-        """Current (lam/2) sum g_hat sigma^2(w) of this weight (zero before curvature exists)."""
-        curv = self.curvature(w) if self.config.method == "lotion" else None
-        if curv is None:
+        """Current (lam/2) sum g_hat sigma^2(w) of this weight, lam as scheduled (0 before curvature)."""
+        g_hat = self.g_hat(w)
+        if g_hat is None:
             return torch.zeros((), dtype=torch.float32, device=w.device)
-        g, count, beta, _ = curv
-        factor = R.curvature_factor(count, beta, self.config.curvature_scale)  # 0 at count 0
-        g_hat = g.float() * factor.to(g.device)
-        return R.penalty_value(w.detach(), g_hat, self.fmt, self.block, self.config.lam).float()
+        lam = float(self.lam_now)
+        return R.penalty_value(w.detach(), g_hat, self.fmt, self.block, lam).float()

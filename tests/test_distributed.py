@@ -51,7 +51,7 @@ def _config(kw: dict) -> lotion_fx.LotionConfig:
     # Large enough that the penalty moves weights far beyond the tolerance, small enough that 3
     # steps do not pile weights onto grid points, where the penalty gradient jumps (an ulp of
     # reduction-order difference there would flip it).
-    return lotion_fx.LotionConfig(curvature_scale=100.0, beta=0.9, seed=3, **kw)
+    return lotion_fx.LotionConfig(curvature="ema", curvature_scale=100.0, beta=0.9, seed=3, **kw)
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,13 +31,15 @@ class Net(nn.Module):
 
 
 class AllMethodsFormats(nn.Module):
-    """One prepared net per (method, format), summed: 12 smoothing nodes in one graph."""
+    """One prepared net per (method, format), summed: 12 smoothing nodes in one graph. lotion uses
+    the `ema` curvature, whose update is an in-place mutation inside the compiled backward."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.nets = nn.ModuleList(
-            lotion_fx.prepare(Net(), lotion_fx.LotionConfig(method=m, format=f, block_size=16, seed=3))
+            lotion_fx.prepare(Net(), lotion_fx.LotionConfig(method=m, format=f, block_size=16, seed=3,
+                                                            curvature="ema", curvature_scale=100.0))
             for m in METHODS
             for f in FORMATS
         )
@@ -70,18 +72,6 @@ def test_private_apis_pinned() -> None:
     assert torch._C._dispatch_has_kernel_for_dispatch_key(
         "lotion_fx::lotion_backward", torch._C.DispatchKey.CompositeImplicitAutograd
     )
-
-
-def test_eager_dispatch_unchanged() -> None:
-    """The implicit kernel added for compile must not replace the eager kernel (same numbers)."""
-    torch.manual_seed(0)
-    w, grad = torch.randn(8, 32), torch.randn(8, 32)
-    g, count = torch.rand(8, 32), torch.tensor(3)
-    g2, c2 = g.clone(), count.clone()
-    out = torch.ops.lotion_fx.lotion_backward(grad, w, g, count, "nvfp4", 16, 1.0, 0.9, 2.0, 1, True)
-    ref = lowering.lotion_backward(grad, w, g2, c2, "nvfp4", 16, 1.0, 0.9, 2.0, 1, True)
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
-    assert torch.equal(g, g2) and torch.equal(count, c2) and int(count) == 4
 
 
 def test_compiled_equals_eager_fused_no_recompile() -> None:

@@ -1,0 +1,155 @@
+"""The `gn_sampled` curvature: a Gauss-Newton diagonal of the right scale, from sampled targets.
+
+For a loss that is a mean over N terms (examples, or tokens), L = (1/N) sum_n l(f_n(w), y_n), the
+Gauss-Newton matrix is G = (1/N) sum_n J_n^T H_n J_n (H_n: the Hessian of l in the model output).
+Draw a target from the model's own predictive distribution for every term and backpropagate
+u_n = (1/sqrt(N)) * dl(f_n, y~_n)/df_n: its covariance is H_n / N (the Fisher of an exponential
+family equals its Gauss-Newton matrix), the terms are independent with mean zero, so the squared
+gradient v = sum_n J_n^T u_n is an unbiased estimate of diag(G) at the scale of the user's loss
+(Sophia's "Gauss-Newton-Bartlett" estimator, Liu et al. 2023). Unlike squared task gradients it
+does not shrink as the fit improves, and it contains no penalty gradient (no feedback).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import reference as R
+from .api import prepared_info, smoothed_weight, smoothers
+
+LOSSES = ("cross_entropy", "mse")
+
+
+def sampled_target_loss(
+    output: Tensor, loss: str = "cross_entropy", generator: torch.Generator | None = None
+) -> Tensor:
+    """A scalar whose gradient in `output` is sum_n u_n, with Cov(u_n) = the Hessian of the mean loss.
+
+    loss="cross_entropy": `output` holds logits over its last dim, the user's loss is the mean
+        cross-entropy over all other positions (F.cross_entropy's default); targets ~ softmax.
+    loss="mse": the user's loss is F.mse_loss's mean over all elements, (1/M) sum (y - f)^2, whose
+        Hessian is 2/M per element; u ~ N(0, 2/M).
+    """
+    out = output.float()
+    if loss == "cross_entropy":
+        logits = out.reshape(-1, out.shape[-1])
+        with torch.no_grad():
+            probs = logits.softmax(-1)
+            target = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return F.cross_entropy(logits, target, reduction="sum") / math.sqrt(logits.shape[0])
+    if loss == "mse":
+        noise = torch.randn(out.shape, generator=generator, device=out.device)
+        return (out * noise.mul_(math.sqrt(2.0 / out.numel()))).sum()
+    raise ValueError(f"unknown loss {loss!r}: choose one of {list(LOSSES)}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The prepared module under torch.compile (OptimizedModule) and/or DDP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None or not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _forward_module(model: nn.Module) -> nn.Module:
+    """What curvature_step runs: `model`, minus a DistributedDataParallel wrapper, whose reducer
+    expects every forward to be followed by a .backward() (the ranks' estimates are averaged in
+    _all_reduce_mean instead)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, DDP):
+        return inner.module
+    return model.module if isinstance(model, DDP) else model
+
+
+def _logits(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(
+        f"curvature_step needs the model output as a tensor of logits/predictions (or an object "
+        f"with .logits), got {type(out).__name__}; pass output_fn=lambda out: <the predictions>"
+    )
+
+
+def curvature_step(
+    model: nn.Module,
+    *inputs: Any,
+    loss: str = "cross_entropy",
+    loss_scale: float = 1.0,
+    output_fn: Any = None,
+    **kwargs: Any,
+) -> bool:
+    """Call once per optimizer step with the step's inputs; returns True when g was refreshed.
+
+    Every `curvature_every` calls (the first call included) it runs `model(*inputs, **kwargs)` with
+    targets sampled from the model's own predictions, one backward with the penalty switched off,
+    and folds the squared gradient of every smoothed weight into its `g` (the `gn_sampled`
+    estimator); it also moves lam along its warm-up schedule. Pass the same callable you train
+    (the torch.compile'd module works and reuses its graphs). `loss_scale`: the user's loss is
+    loss_scale times `loss` (e.g. 0.5 * sum over K outputs of a squared error = K/2 * "mse").
+    No .grad is written, so call it before or after the training forward/backward, not between.
+    Cost: one extra forward and backward every `curvature_every` steps.
+    """
+    prepared = _unwrap(model)
+    info = prepared_info(prepared)
+    cfg = info.config
+    smooth = smoothers(prepared)
+    if cfg.method != "lotion" or not smooth:
+        return False
+    first = next(iter(smooth.values()))
+    refresh = cfg.curvature == "gn_sampled" and int(first.steps) % cfg.curvature_every == 0
+    if refresh:
+        if not (inputs or kwargs):
+            raise ValueError(
+                "curvature='gn_sampled' needs the step's inputs: lotion_fx.curvature_step(model, x) "
+                "(the same arguments as model(x))"
+            )
+        _refresh(model, prepared, smooth, cfg.seed, int(first.steps), loss, loss_scale, output_fn,
+                 inputs, kwargs)
+    for sm in smooth.values():
+        sm.advance()
+    return refresh
+
+
+def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, inputs, kwargs) -> None:
+    names = [n for n in smooth if prepared.get_parameter(n).requires_grad]
+    params = [prepared.get_parameter(n) for n in names]
+    for sm in smooth.values():
+        sm.set_penalty_enabled(False)
+    try:
+        with torch.enable_grad():
+            out = _forward_module(model)(*inputs, **kwargs)
+            pred = output_fn(out) if output_fn is not None else _logits(out)
+            gen = torch.Generator(device=pred.device).manual_seed(R.mix_seed(seed, step))
+            target_loss = sampled_target_loss(pred, loss, gen) * math.sqrt(loss_scale)
+            grads = torch.autograd.grad(target_loss, params, allow_unused=True)
+    finally:
+        for sm in smooth.values():
+            sm.set_penalty_enabled(True)
+    sq = [None if gr is None else gr.float().square() for gr in grads]
+    _all_reduce_mean([s for s in sq if s is not None])
+    for name, s in zip(names, sq):
+        if s is not None:  # in the smoother's (out, in) view of the weight
+            smooth[name].fold_sampled(smoothed_weight(prepared, name, s))
+
+
+def _all_reduce_mean(tensors: list[Tensor]) -> None:
+    """Average the squared sampled gradients over data-parallel ranks (each is unbiased locally)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(dist.get_world_size())
