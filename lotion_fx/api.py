@@ -14,6 +14,7 @@ from torch.fx import Graph, GraphModule
 from lotion_fx import passes
 
 from . import reference as R
+from .checks import check_materialized, non_finite_summary
 from .config import LotionConfig
 from .smoother import LotionSmoother
 
@@ -28,10 +29,28 @@ class PreparedInfo:
     original: nn.Module
     capture: str  # "symbolic_trace" | "export"
     result: passes.RewriteResult
-    graph_before: Graph
+    graph_before: Graph | None  # None after pickling
+
+    def __getstate__(self) -> dict:
+        # an exported graph holds C++ objects pickle cannot save; the graph before the rewrite only
+        # serves the audit's diff, which a pickled copy does without
+        return {**self.__dict__, "graph_before": None}
+
+
+# GraphModule.__deepcopy__ rebuilds the module from its graph and keeps only the attributes listed
+# here (torch.fx's "user preserved attributes", stored in gm.meta), so the info survives
+# copy.deepcopy; pickling keeps both __dict__ and meta.
+_PRESERVED = "_user_preserved_attributes"
+
+
+def _attach_info(gm: GraphModule, info: PreparedInfo) -> None:
+    """Attach `info` to gm so that it survives copy.deepcopy and pickling."""
+    object.__setattr__(gm, _INFO, info)
+    gm.meta.setdefault(_PRESERVED, {})[_INFO] = info
 
 
 def is_prepared(model: nn.Module) -> bool:
+    """True for a module returned by lotion_fx.prepare (or a deepcopy / unpickled copy of one)."""
     return getattr(model, _INFO, None) is not None
 
 
@@ -52,6 +71,17 @@ def smoothers(prepared: nn.Module) -> dict[str, LotionSmoother]:
     return {m.param_name: m for m in prepared.modules() if isinstance(m, LotionSmoother)}
 
 
+def smoothed_weight(prepared: nn.Module, name: str, t: Tensor | None = None) -> Tensor:
+    """Parameter `name` (or a tensor of its shape, such as its gradient) as its smoother sees it:
+    (out, in), a transposed view for an (in, out) weight such as GPT-2's Conv1D (blocks always
+    run along the input dimension)."""
+    t = prepared.get_parameter(name) if t is None else t
+    for rec in prepared_info(prepared).result.rewritten:
+        if rec.param_name == name:
+            return rec.as_out_in(t)
+    return t
+
+
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
@@ -60,13 +90,15 @@ def _check_model(model: nn.Module) -> None:
             "this model is already prepared; call lotion_fx.prepare on the original module "
             "(lotion_fx.original(prepared)) with the new config instead"
         )
+    check_materialized(model, "lotion_fx.prepare")
 
 
 def _check_finite(gm: nn.Module, name: str, weight: Tensor) -> None:
-    if not torch.isfinite(weight).all():
+    why = non_finite_summary(weight)
+    if why is not None:
         raise ValueError(
-            f"layer {name!r}: weight has non-finite values (NaN/Inf); fix the initialization or "
-            "checkpoint before prepare (the model was left unchanged)"
+            f"layer {name!r}: weight has non-finite values (NaN/Inf: {why}); fix the initialization "
+            "or checkpoint before prepare (the model was left unchanged)"
         )
 
 
@@ -117,7 +149,7 @@ def prepare(
         return model
     passes.verify(gm, result)
     gm.train(model.training)
-    object.__setattr__(gm, _INFO, PreparedInfo(config, model, capture, result, before))
+    _attach_info(gm, PreparedInfo(config, model, capture, result, before))
     return gm
 
 
@@ -138,12 +170,17 @@ def attach_optimizer(prepared: nn.Module, optimizer: torch.optim.Optimizer) -> N
     for name, sm in smooth.items():
         if id(prepared.get_parameter(name)) not in owned:
             raise ValueError(f"parameter {name!r} is not in the optimizer's param_groups")
+        if smoothed_weight(prepared, name) is not prepared.get_parameter(name):
+            raise ValueError(
+                f"parameter {name!r} is an (in, out) weight (e.g. GPT-2 Conv1D), whose optimizer state "
+                "is transposed to the smoother's view; use LotionConfig(curvature='gn_sampled')"
+            )
         sm._optimizer = weakref.ref(optimizer)
 
 
 def penalty(prepared: nn.Module, per_layer: bool = False) -> Tensor | dict[str, Tensor]:
     """Current value of (lam/2) * sum g * sigma^2 over all smoothed weights, for logging."""
-    values = {name: sm.penalty(prepared.get_parameter(name)) for name, sm in smoothers(prepared).items()}
+    values = {name: sm.penalty(smoothed_weight(prepared, name)) for name, sm in smoothers(prepared).items()}
     if per_layer:
         return values
     return torch.stack([v.cpu() for v in values.values()]).sum()
@@ -159,7 +196,7 @@ def quantized_eval(prepared: nn.Module) -> Iterator[nn.Module]:
     try:
         with torch.no_grad():
             for name, sm in smooth.items():
-                p = prepared.get_parameter(name)
+                p = smoothed_weight(prepared, name)
                 saved[name] = p.detach().clone()
                 p.copy_(R.fake_quantize(p, sm.fmt, sm.block))
                 sm.passthrough = True
@@ -168,7 +205,7 @@ def quantized_eval(prepared: nn.Module) -> Iterator[nn.Module]:
     finally:
         with torch.no_grad():
             for name, w in saved.items():
-                prepared.get_parameter(name).copy_(w)
+                smoothed_weight(prepared, name).copy_(w)
         for sm in smooth.values():
             sm.passthrough = False
         prepared.train(was_training)

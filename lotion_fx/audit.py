@@ -1,9 +1,12 @@
 """`audit`: what `prepare` rewrote, how each weight will quantize, and which layers will hurt.
 
-Export size (bytes_export) is the ideal packed size:
+Export size (bytes_export) is what `convert` produces: the bytes of the torchao tensor built for
+the weight (and of any dequantized copy a tied non-Linear owner gets). bytes_ideal is the ideal
+packed size:
     ceil(numel * bits / 8) + num_blocks * scale_bytes + tensor_bytes
 with scale_bytes = 4 (fp32) for int8/int4, 1 (E4M3) for nvfp4, 1 (E8M0) for mxfp4, and
-tensor_bytes = 4 for nvfp4's per-tensor fp32 scale, else 0. Biases are not counted (not quantized).
+tensor_bytes = 4 for nvfp4's per-tensor fp32 scale, else 0. Where convert cannot export a layer,
+bytes_export is bytes_ideal and the report warns. Biases are not counted (not quantized).
 
 The JSON schema ("lotion_fx.audit/1") is documented in README.md; keys are only ever added.
 """
@@ -21,6 +24,7 @@ from tabulate import tabulate
 from torch import Tensor, nn
 
 from lotion_fx import passes
+from lotion_fx.backends import torchao_export as X
 from lotion_fx.passes.graph_diff import GraphDiff, graph_diff
 
 from . import reference as R
@@ -61,7 +65,8 @@ class LayerAudit:
     rtn_rel_error: float
     frac_clamped: float
     bytes_full: int
-    bytes_export: int
+    bytes_export: int  # what convert produces
+    bytes_ideal: int  # ideal packed size (module docstring)
     penalty_estimate: float | None = None  # (1/2) sum g sigma^2
     measured_increase: float | None = None  # loss(RTN of this layer alone) - loss(full precision)
 
@@ -76,7 +81,7 @@ class AuditReport:
     layers: list[LayerAudit]
     skipped: list[dict]
     warnings: list[str]
-    curvature_source: str  # "ema" | "adam" | "data" | "none"
+    curvature_source: str  # "gn_sampled" | "ema" | "adam" | "data" | "none"
     base_loss: float | None = None
     measured_all: float | None = None  # loss with every layer RTN-quantized, minus base_loss
     spearman: float | None = None  # rank correlation of penalty_estimate vs measured_increase
@@ -90,6 +95,16 @@ class AuditReport:
     @property
     def bytes_export(self) -> int:
         return sum(l.bytes_export for l in self.layers)
+
+    @property
+    def block_summary(self) -> str:
+        """The block size as resolved per layer (0 = per tensor), with the configured spec."""
+        spec = self.config["block_size"]
+        blocks = sorted({l.block for l in self.layers})
+        shown = ", ".join("tensor" if b == 0 else str(b) for b in blocks) or "-"
+        if spec is None:
+            return f"{shown} (format default)"
+        return shown if str(spec) == shown else f"{spec} ({shown})"
 
     @property
     def estimate_total(self) -> float | None:
@@ -135,7 +150,7 @@ class AuditReport:
         c = self.config
         lines = [
             f"lotion_fx audit of {self.model} (capture: {self.capture}; method={c['method']}, "
-            f"format={c['format']}, block_size={c['block_size']})",
+            f"format={c['format']}, block_size={self.block_summary})",
             f"{len(self.layers)} weights rewritten, {len(self.skipped)} Linear-like ops not rewritten; "
             f"{self.bytes_full} bytes -> {self.bytes_export} bytes after export",
         ]
@@ -221,7 +236,31 @@ def layer_stats(w: Tensor, format: str, block: int) -> dict:
         frac_clamped=float(clamped.double().mean()),
         bytes_full=w.numel() * w.element_size(),
         bytes_export=export_bytes(w.numel(), s.numel(), fmt.name),
+        bytes_ideal=export_bytes(w.numel(), s.numel(), fmt.name),
     )
+
+
+@torch.no_grad()
+def convert_bytes(original: nn.Module, rec: passes.RewrittenWeight, w: Tensor, fmt: str) -> int | None:
+    """Bytes `convert` stores for this weight with its default torchao target: the tensor it
+    builds, plus a dequantized copy for each tied owner that can hold neither (None: convert
+    cannot export this layer)."""
+    target = X.DEFAULT_TARGETS[fmt]
+    wq = rec.as_out_in(w.detach())
+    if X.unsupported_reason(fmt, rec.block, target, tuple(wq.shape), wq.dtype, wq.device) is not None:
+        return None
+    total = X.nbytes(X.to_torchao(wq, fmt, rec.block, target))
+    owners = [_owner(original, n) for n in [rec.param_name, *rec.aliases]]
+    linear_first = sorted(owners, key=lambda m: not isinstance(m, nn.Linear))
+    for owner in linear_first[1:]:  # convert keeps the first (a Linear if any) as the primary
+        if not (isinstance(owner, nn.Linear) or (isinstance(owner, nn.Embedding) and target in X.EMBEDDING_OK)):
+            total += w.numel() * w.element_size()
+    return total
+
+
+def _owner(root: nn.Module, name: str) -> nn.Module:
+    owner = name.rpartition(".")[0]
+    return root.get_submodule(owner) if owner else root
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -258,16 +297,12 @@ def _curvature(prepared: nn.Module) -> dict[str, Tensor] | None:
         if sm.config.method != "lotion":
             return None
         try:
-            curv = sm.curvature(prepared.get_parameter(name))
+            g_hat = sm.g_hat(prepared.get_parameter(name))
         except RuntimeError:  # curvature='adam' without attach_optimizer
             return None
-        if curv is None:
+        if g_hat is None:
             return None
-        g, count, beta, _ = curv
-        correction = 1.0 - beta ** float(count)
-        if correction <= 0:
-            return None
-        out[name] = g.detach().double() * (sm.config.curvature_scale / correction)
+        out[name] = g_hat.detach().double()
     return out
 
 
@@ -287,12 +322,19 @@ def _data_curvature(prepared: nn.Module, data: AuditData, scale: float) -> dict[
         for a, gr in zip(acc, grads):
             if gr is not None:
                 a.add_(gr.double() ** 2)
-    return {n: a * (scale / len(data.batches)) for n, a in zip(names, acc)}
+    recs = {r.param_name: r for r in prepared_info(prepared).result.rewritten}
+    return {n: recs[n].as_out_in(a) * (scale / len(data.batches)) for n, a in zip(names, acc)}  # smoother layout
+
+
+def _fake_quantize(prepared: nn.Module, name: str) -> Tensor:
+    """RTN of a rewritten parameter in its smoother's format, in the parameter's own layout."""
+    sm = smoothers(prepared)[name]
+    rec = next(r for r in prepared_info(prepared).result.rewritten if r.param_name == name)
+    return rec.as_out_in(R.fake_quantize(rec.as_out_in(prepared.get_parameter(name)), sm.fmt, sm.block))
 
 
 def _measure(prepared: nn.Module, data: AuditData, names: list[str]) -> tuple[float, dict[str, float], float]:
     """(base loss, loss increase of each layer quantized alone, increase with all quantized)."""
-    smooth = smoothers(prepared)
     base = _mean_loss(prepared, data)
     alone: dict[str, float] = {}
     for name in names:
@@ -300,7 +342,7 @@ def _measure(prepared: nn.Module, data: AuditData, names: list[str]) -> tuple[fl
         saved = p.detach().clone()
         try:
             with torch.no_grad():
-                p.copy_(R.fake_quantize(p, smooth[name].fmt, smooth[name].block))
+                p.copy_(_fake_quantize(prepared, name))
             alone[name] = _mean_loss(prepared, data) - base
         finally:
             with torch.no_grad():
@@ -309,8 +351,7 @@ def _measure(prepared: nn.Module, data: AuditData, names: list[str]) -> tuple[fl
     try:
         with torch.no_grad():
             for n in names:
-                p = prepared.get_parameter(n)
-                p.copy_(R.fake_quantize(p, smooth[n].fmt, smooth[n].block))
+                prepared.get_parameter(n).copy_(_fake_quantize(prepared, n))
         everything = _mean_loss(prepared, data) - base
     finally:
         with torch.no_grad():
@@ -343,7 +384,10 @@ def _dry_run(model: nn.Module, config: LotionConfig, example_inputs: Any) -> tup
     def never(*_: Any) -> Any:  # only called for weights that would be rewritten
         raise AssertionError("prepare rewrote nothing, but the dry run found a weight to rewrite")
 
-    return capture, passes.insert_smoothing_nodes(gm, skip=config.skip, resolve_block=never, make_smoother=never)
+    with warnings.catch_warnings():  # prepare has already warned about the skipped ops
+        warnings.simplefilter("ignore")
+        return capture, passes.insert_smoothing_nodes(gm, skip=config.skip, resolve_block=never,
+                                                      make_smoother=never)
 
 
 def audit(
@@ -378,17 +422,23 @@ def audit(
     skipped += _unreached_linears(info.original, result)
 
     layers: list[LayerAudit] = []
+    report_warnings: list[str] = []
     for rec in result.rewritten:
         w = prepared.get_parameter(rec.param_name)
         layers.append(LayerAudit(
             param=rec.param_name, aliases=list(rec.aliases), module=rec.module_name,
             smoother=rec.smoother, consumers=list(rec.consumers), shape=list(rec.shape),
             dtype=str(w.dtype).replace("torch.", ""), format=cfg.format, block=rec.block,
-            method=cfg.method, **layer_stats(w, cfg.format, rec.block),
+            method=cfg.method, **layer_stats(rec.as_out_in(w), cfg.format, rec.block),
         ))
+        converted = convert_bytes(info.original, rec, w, cfg.format)
+        if converted is None:
+            report_warnings.append(f"convert cannot export {rec.param_name!r} in format {cfg.format}; "
+                                   "its 'bytes export' is the ideal packed size")
+        else:
+            layers[-1].bytes_export = converted
 
     was_training = prepared.training
-    report_warnings: list[str] = []
     try:
         prepared.eval()
         g = _curvature(prepared)
@@ -398,8 +448,10 @@ def audit(
         if g is not None:
             for l in (l for l in layers if l.param in g):  # frozen weights get no data estimate
                 sm = smooth[l.param]
+                rec = next(r for r in result.rewritten if r.param_name == l.param)
                 l.penalty_estimate = float(R.penalty_value(
-                    prepared.get_parameter(l.param).detach().double(), g[l.param], sm.fmt, sm.block, 1.0))
+                    rec.as_out_in(prepared.get_parameter(l.param).detach().double()), g[l.param],
+                    sm.fmt, sm.block, 1.0))
         base = everything = rho = None
         if data is not None:
             base, alone, everything = _measure(prepared, data, [l.param for l in layers])
@@ -415,7 +467,7 @@ def audit(
     return AuditReport(
         model=type(info.original).__name__, capture=info.capture, config=_config_dict(cfg), layers=layers,
         skipped=skipped, warnings=report_warnings, curvature_source=source, base_loss=base,
-        measured_all=everything, spearman=rho, diff=graph_diff(info.graph_before, prepared.graph),
+        measured_all=everything, spearman=rho, diff=graph_diff(info.graph_before, prepared.graph) if info.graph_before is not None else None,
     )
 
 

@@ -10,9 +10,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .api import prepare
 from .audit import audit
 from .config import METHODS, LotionConfig
 from .formats import FORMATS
+from lotion_fx.passes import CaptureError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64}
 
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'package.module:function' returning (batches, loss_fn(model, batch)) to measure "
                         "each layer's loss increase")
     a.add_argument("--seed", type=int, default=0, help="torch.manual_seed before calling the factory")
+    a.add_argument("--state-dict", default=None, metavar="PATH",
+                   help="torch.save'd state dict to load: the model's own (loaded before prepare) or a "
+                        "prepared model's (with its lotion.* curvature state, loaded after prepare)")
     out = a.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the JSON report (schema lotion_fx.audit/1)")
     out.add_argument("--markdown", action="store_true", help="print the markdown report")
@@ -82,9 +87,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"lotion-fx: --state-dict {path!r}: no such file") from None
+    except Exception as e:
+        raise SystemExit(f"lotion-fx: --state-dict {path!r} is not a torch.save'd state dict: {e}") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict):
+        raise SystemExit(f"lotion-fx: --state-dict {path!r} holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+def _load_state(model: torch.nn.Module, sd: dict, path: str) -> None:
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise SystemExit(f"lotion-fx: --state-dict {path!r} does not fit the model: "
+                         + " ".join(str(e).split())) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `lotion-fx` console script and of `python -m lotion_fx`."""
+    """Entry point of the `lotion-fx` console script and of `python -m lotion_fx`.
+
+    Errors of the library (bad config, bad model, failed capture) print as one line, exit code 2."""
     args = build_parser().parse_args(argv)
+    try:
+        return _audit(args)
+    except (ValueError, TypeError, CaptureError, NotImplementedError) as e:
+        print(f"lotion-fx: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def _audit(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = _load(args.factory, "the model factory")()
     if not isinstance(model, torch.nn.Module):
@@ -96,7 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         example = (x(args.example_input_shape, dtype=dtype),)
     data = _load(args.data, "--data")() if args.data else None
     config = LotionConfig(method=args.method, format=args.format, block_size=args.block_size, skip=tuple(args.skip))
-    report = audit(model, data, config=config, example_inputs=example)
+    target: torch.nn.Module = model
+    if args.state_dict is not None:
+        sd = _read_state_dict(args.state_dict)
+        if any(k.startswith("lotion.") for k in sd):  # a prepared model's checkpoint
+            target = prepare(model, config, example)
+            _load_state(target, sd, args.state_dict)
+        else:
+            _load_state(model, sd, args.state_dict)
+    report = audit(target, data, config=config, example_inputs=example)
     if args.json:
         print(report.to_json())
     elif args.markdown:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import types
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .train_mode import FLAG_NAME, follow_train_mode, mode_sites
 
 
 class CaptureError(RuntimeError):
@@ -35,19 +37,55 @@ def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return tuple(example_inputs), {}
 
 
-def symbolic_trace(model: nn.Module) -> GraphModule:
-    """torch.fx.symbolic_trace; the GraphModule holds the model's own submodules and Parameters."""
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Put every submodule in train or eval mode for a capture; restore each one's own mode after."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(training)
     try:
-        return torch.fx.symbolic_trace(model)
-    except Exception as e:  # tracing raises many types (TraceError, TypeError, AttributeError...)
-        raise CaptureError(
-            f"torch.fx.symbolic_trace failed on {type(model).__name__}: {type(e).__name__}: {e}. "
-            "Pass example_inputs=(...) to lotion_fx.prepare to capture with torch.export instead."
-        ) from e
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
+def _capture_following_mode(model: nn.Module, capture: Callable[[], GraphModule]) -> GraphModule:
+    """Capture in train mode (so dropout is in the graph at all), then make the mode-dependent ops
+    follow the GraphModule's train()/eval(); an eval-mode capture tells which ops are always on."""
+    with _mode(model, True):
+        gm = capture()
+    eval_gm = None
+    if mode_sites(gm):
+        with _mode(model, False):
+            eval_gm = capture()
+    follow_train_mode(gm, eval_gm)
+    # the capture's mode is the model's; only gm and its own flag are set (the model's submodules,
+    # which a traced graph shares, keep their modes)
+    gm.training = model.training
+    if hasattr(gm, FLAG_NAME):
+        getattr(gm, FLAG_NAME).training = model.training
+    return gm
+
+
+def symbolic_trace(model: nn.Module) -> GraphModule:
+    """torch.fx.symbolic_trace; the GraphModule holds the model's own submodules and Parameters,
+    and its dropout follows its train()/eval() mode."""
+
+    def trace() -> GraphModule:
+        try:
+            return torch.fx.symbolic_trace(model)
+        except Exception as e:  # tracing raises many types (TraceError, TypeError, AttributeError...)
+            raise CaptureError(
+                f"torch.fx.symbolic_trace failed on {type(model).__name__}: {type(e).__name__}: {e}. "
+                "Pass example_inputs=(...) to lotion_fx.prepare to capture with torch.export instead."
+            ) from e
+
+    return _capture_following_mode(model, trace)
 
 
 def export(model: nn.Module, example_inputs: Any) -> GraphModule:
-    """torch.export (training IR, non-strict) and unlift to a GraphModule sharing the Parameters."""
+    """torch.export (training IR, non-strict) and unlift to a GraphModule sharing the Parameters;
+    its dropout and batch norm follow its train()/eval() mode."""
     args, kwargs = normalize_example_inputs(example_inputs)
     # Dim.AUTO: every tensor dim is dynamic where the model allows it, so the captured graph
     # also runs other batch sizes and sequence lengths than the example's.
@@ -61,38 +99,44 @@ def export(model: nn.Module, example_inputs: Any) -> GraphModule:
         ) from None
     # with kwargs torch.export wants the specs keyed by forward's parameter names
     dynamic = {k: tree_map(auto, v) for k, v in bound.items()} if kwargs else tree_map(auto, args)
-    try:
-        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
-    except Exception as e:
-        hint = "Check that example_inputs match model.forward's arguments."
-        if "register a pytree" in str(e):  # e.g. a Hugging Face DynamicCache in the output
-            hint = ("The output holds a type torch.export cannot flatten; for Hugging Face models pass "
-                    "use_cache=False (config.use_cache = False, or example_inputs=((ids,), {'use_cache': False})).")
-        raise CaptureError(
-            f"torch.export failed on {type(model).__name__} with the given example_inputs: "
-            f"{type(e).__name__}: {e}. {hint}"
-        ) from e
-    gm = ep.module(check_guards=False)
+
+    def capture() -> GraphModule:
+        try:
+            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+        except Exception as e:
+            hint = "Check that example_inputs match model.forward's arguments."
+            if "register a pytree" in str(e):  # e.g. a Hugging Face DynamicCache in the output
+                hint = ("The output holds a type torch.export cannot flatten; for Hugging Face models pass "
+                        "use_cache=False (config.use_cache = False, or example_inputs=((ids,), {'use_cache': False})).")
+            raise CaptureError(
+                f"torch.export failed on {type(model).__name__} with the given example_inputs: "
+                f"{type(e).__name__}: {e}. {hint}"
+            ) from e
+        return ep.module(check_guards=False)
+
+    gm = _capture_following_mode(model, capture)
     _share_parameters(model, gm)
-    # ep.module() forbids train()/eval(); restore them, switching exported dropout with the mode.
-    gm.train = types.MethodType(_exported_train, gm)
-    gm.eval = types.MethodType(lambda self: self.train(False), gm)
-    nn.Module.train(gm, model.training)
+    # ep.module() replaces train()/eval() by methods that raise; the class's own ones are right
+    # here (the mode-dependent ops read the mode through a submodule), and unlike those bound
+    # methods they survive pickling.
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)
+    if not any(isinstance(leaf, nn.Module) for leaf in tree_leaves((args, kwargs))):
+        _drop_local_hooks(gm)
+    # unpickling re-traces forward's code with graph._tracer_cls; export's tracer cannot be
+    # rebuilt without its scope (torch.fx's own Tracer can)
+    gm.graph._tracer_cls = gm._tracer_cls = None
     return gm
 
 
-def _exported_train(self: GraphModule, mode: bool = True) -> GraphModule:
-    """train()/eval() for an exported graph: flips aten.dropout's train flag (batch norm in
-    exported graphs keeps the mode it was captured in)."""
-    changed = False
-    for node in self.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.dropout.default:
-            if node.args[2] != mode:
-                node.update_arg(2, mode)
-                changed = True
-    if changed:
-        self.recompile()
-    return nn.Module.train(self, mode)
+def _drop_local_hooks(gm: nn.Module) -> None:
+    """Remove the hooks ep.module() adds for nn.Module graph inputs (no-ops without such inputs):
+    they are local lambdas, which pickle cannot save."""
+    for hooks in (gm._forward_pre_hooks, gm._forward_hooks):
+        for key, fn in list(hooks.items()):
+            if getattr(fn, "__name__", "") == "<lambda>":
+                del hooks[key]
+                gm._forward_hooks_always_called.pop(key, None)
 
 
 def _share_parameters(model: nn.Module, gm: nn.Module) -> None:

@@ -1,15 +1,19 @@
 """The FX pass: route every Linear weight through one smoothing node per parameter.
 
 Linear-like ops recognised: call_module nn.Linear, F.linear / aten.linear, and mm / addmm /
-matmul whose weight operand is a transposed parameter (what Linear decomposes into). Nothing
-else in the graph changes. Everything is checked before the first edit, so a bad layer raises
-with the graph untouched.
+matmul whose weight operand is a transposed parameter (what Linear decomposes into) or a
+parameter stored as (in, out) (Hugging Face's Conv1D: addmm(bias, x, W)). The smoothing node
+always sees the (out, in) matrix, so blocks run along in_features: an (in, out) weight is
+transposed around its smoothing node. Nothing else in the graph changes. Everything is checked
+before the first edit, so a bad layer raises with the graph untouched. Linear-like ops left
+alone for any reason but a `skip` pattern are reported in a warning that names them.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,6 +52,14 @@ class RewrittenWeight:
     block: int
     consumers: list[str] = field(default_factory=list)  # graph nodes now fed by the smoother
     aliases: list[str] = field(default_factory=list)  # other names of a tied parameter
+    # True: the parameter is stored (in, out) (Conv1D); the smoother, its block and its state
+    # are those of param.t(), and quantizing the parameter means quantizing param.t()
+    transposed: bool = False
+
+    def as_out_in(self, w: torch.Tensor) -> torch.Tensor:
+        """The (out, in) view of this parameter (or of a tensor shaped like it): what is blocked
+        along its last dim and quantized; applying it twice gives back the parameter's layout."""
+        return w.t() if self.transposed else w
 
 
 @dataclass
@@ -58,6 +70,7 @@ class SkippedOp:
     op: str
     param_name: str | None
     reason: str
+    warn: bool = True  # False for skips the user asked for and matmuls of two activations
 
 
 @dataclass
@@ -69,10 +82,10 @@ class RewriteResult:
 @dataclass
 class _Use:
     node: Node
-    kind: str  # "module" | "linear" | "matmul"
+    kind: str  # "module" | "linear" | "matmul" (x @ param.t()) | "matmul_in_out" (x @ param)
     param: nn.Parameter
     param_name: str
-    weight_arg: Node | None  # get_attr node (linear) or transpose node (matmul)
+    weight_arg: Node | None  # get_attr node (linear, matmul_in_out) or transpose node (matmul)
 
 
 def _describe(node: Node) -> str:
@@ -138,9 +151,12 @@ def _find_uses(gm: GraphModule, names: dict[int, str]) -> tuple[list[_Use], list
                     uses.append(_Use(node, "matmul", p, names[id(p)], operand))
                     continue
             p = _parameter(gm, operand)
-            reason = ("parameter used untransposed, as an (in, out) matrix: not a Linear weight"
-                      if p is not None else "weight operand is not fed by a parameter")
-            skipped.append(SkippedOp(node.name, _describe(node), names.get(id(p)) if p is not None else None, reason))
+            if p is not None:  # an (in, out) weight, as Hugging Face's Conv1D stores it
+                uses.append(_Use(node, "matmul_in_out", p, names[id(p)], operand))
+                continue
+            # x @ y of two activations (attention scores) is not a Linear layer: recorded, no warning
+            skipped.append(SkippedOp(node.name, _describe(node), None, "weight operand is not fed by a parameter",
+                                     warn=False))
     return uses, skipped
 
 
@@ -172,6 +188,9 @@ def insert_smoothing_nodes(
             names[id(p)], aliases[id(p)] = name, []
 
     uses, skipped = _find_uses(gm, names)
+    layouts: dict[int, set[bool]] = {}
+    for use in uses:
+        layouts.setdefault(id(use.param), set()).add(use.kind == "matmul_in_out")
 
     # ---- plan and validate (no edits yet)
     kept: list[_Use] = []
@@ -186,20 +205,27 @@ def insert_smoothing_nodes(
         pattern = next((pat for pat in skip if any(fnmatch.fnmatchcase(c, pat) for c in candidates)), None)
         if pattern is not None:
             skipped.append(SkippedOp(use.node.name, _describe(use.node), use.param_name,
-                                     f"skipped by pattern {pattern!r}"))
+                                     f"skipped by pattern {pattern!r}", warn=False))
             continue
         if use.param.dim() != 2:
             skipped.append(SkippedOp(use.node.name, _describe(use.node), use.param_name,
                                      f"weight has shape {tuple(use.param.shape)}, not 2-D"))
             continue
+        if len(layouts[id(use.param)]) > 1:
+            skipped.append(SkippedOp(use.node.name, _describe(use.node), use.param_name,
+                                     "parameter is used both as an (out, in) and as an (in, out) matrix"))
+            continue
+        transposed = use.kind == "matmul_in_out"
         if id(use.param) not in plan:
-            block = resolve_block(module_name, use.param)
+            block = resolve_block(module_name, use.param.t() if transposed else use.param)
             plan[id(use.param)] = RewrittenWeight(
                 param_name=use.param_name, module_name=module_name,
                 smoother=f"{SMOOTHER_ROOT}.{use.param_name.replace('.', '_')}",
                 shape=tuple(use.param.shape), block=block, aliases=aliases[id(use.param)],
+                transposed=transposed,
             )
         kept.append(use)
+    _warn_skipped([s for s in skipped if s.warn])
     if hasattr(gm, SMOOTHER_ROOT) and plan:
         raise ValueError(f"the model already has an attribute {SMOOTHER_ROOT!r}; rename it to prepare")
 
@@ -208,11 +234,19 @@ def insert_smoothing_nodes(
     smoothed: dict[int, Node] = {}
     anchor = _insertion_point(gm)
     for index, (pid, rec) in enumerate(plan.items()):
-        param = next(u.param for u in kept if id(u.param) == pid)
-        gm.add_submodule(rec.smoother, make_smoother(rec.param_name, param, rec.block, index))
+        first = next(u for u in kept if id(u.param) == pid)
+        param = first.param
+        gm.add_submodule(rec.smoother, make_smoother(rec.param_name, param.t() if rec.transposed else param,
+                                                     rec.block, index))
         with graph.inserting_before(anchor):
             w = graph.get_attr(rec.param_name)
-            smoothed[pid] = graph.call_module(rec.smoother, (w,))
+            if rec.transposed:
+                # smooth param.t(), which is (out, in), and hand its transpose back to the matmul
+                t = aten.t.default if isinstance(first.node.target, torch._ops.OpOverload) else torch.t
+                s = graph.call_module(rec.smoother, (graph.call_function(t, (w,)),))
+                smoothed[pid] = graph.call_function(t, (s,))
+            else:
+                smoothed[pid] = graph.call_module(rec.smoother, (w,))
     orphans: list[Node] = []
     for use in kept:
         new_w = smoothed[id(use.param)]
@@ -233,6 +267,9 @@ def insert_smoothing_nodes(
             else:
                 node.update_kwarg("weight", new_w)
             orphans.append(use.weight_arg)
+        elif use.kind == "matmul_in_out":
+            node.update_arg(MATMUL_FUNCTIONS[node.target], new_w)
+            orphans.append(use.weight_arg)
         else:
             t = use.weight_arg
             with graph.inserting_before(node):
@@ -246,6 +283,15 @@ def insert_smoothing_nodes(
     graph.lint()
     gm.recompile()
     return RewriteResult(list(plan.values()), skipped)
+
+
+def _warn_skipped(skipped: list[SkippedOp]) -> None:
+    """One warning naming every Linear-like op left alone by accident."""
+    shown = skipped
+    if shown:
+        lines = "; ".join(f"{s.node} ({s.op}, weight {s.param_name or '-'}): {s.reason}" for s in shown)
+        warnings.warn(f"lotion_fx left {len(shown)} Linear-like op(s) unquantized: {lines}. Pass "
+                      "skip=[...] to leave layers alone on purpose (no warning).", stacklevel=3)
 
 
 def verify(gm: GraphModule, result: RewriteResult) -> None:

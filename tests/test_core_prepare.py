@@ -28,7 +28,7 @@ class Forms(nn.Module):
         self.b_addmm = nn.Parameter(torch.zeros(32))
         self.head = nn.Linear(32, 10, bias=False)
         self.head.weight = self.emb.weight  # tied
-        self.not_linear = nn.Parameter(torch.randn(32, 32))  # used as an (in, out) matrix: left alone
+        self.w_in_out = nn.Parameter(torch.randn(32, 32) / 6)  # an (in, out) matrix, as HF's Conv1D
 
     def forward(self, ids: torch.Tensor) -> Pair:
         h = self.emb(ids)
@@ -37,7 +37,7 @@ class Forms(nn.Module):
         h = F.linear(h, self.w_lin)
         h = torch.matmul(h, self.w_mm.t())
         h = torch.addmm(self.b_addmm, h.reshape(-1, 48), self.w_addmm.t()).reshape(h.shape[:-1] + (32,))
-        h = h @ self.not_linear
+        h = h @ self.w_in_out
         return Pair(self.head(h), h)
 
 
@@ -53,16 +53,19 @@ def test_symbolic_trace_rewrites_every_form_once_and_shares_parameters():
     prepared = lotion_fx.prepare(model, CFG)
     info = lotion_fx.prepared_info(prepared)
     assert info.capture == "symbolic_trace" and lotion_fx.original(prepared) is model
-    names = {"fc.weight", "w_lin", "w_mm", "w_addmm", "head.weight"}
+    names = {"fc.weight", "w_lin", "w_mm", "w_addmm", "w_in_out", "head.weight"}
     assert set(lotion_fx.smoothers(prepared)) == names - {"head.weight"} | {"emb.weight"}
     # one smoothing node per parameter; the tied head weight is emb.weight, smoothed once
     calls = smoother_calls(prepared)
-    assert len(calls) == 5 == len({n.target for n in calls})
+    assert len(calls) == 6 == len({n.target for n in calls})
     tied = next(r for r in info.result.rewritten if r.param_name == "emb.weight")
     assert tied.aliases == ["head.weight"]
     fc = next(r for r in info.result.rewritten if r.param_name == "fc.weight")
     assert len(fc.consumers) == 2
-    assert any("not_linear" in str(s.param_name) and "untransposed" in s.reason for s in info.result.skipped)
+    # the (in, out) weight is smoothed as its transpose: blocks along in_features (dim 0)
+    in_out = next(r for r in info.result.rewritten if r.param_name == "w_in_out")
+    assert in_out.transposed and lotion_fx.smoothers(prepared)["w_in_out"].block == 16
+    assert not any(r.transposed for r in info.result.rewritten if r.param_name != "w_in_out")
     # the Parameter objects are the model's own
     for name, p in model.named_parameters():
         assert prepared.get_parameter(name) is p
@@ -79,7 +82,7 @@ def test_skip_patterns_and_training_reaches_the_original_module():
     torch.manual_seed(0)
     model = Forms()
     prepared = lotion_fx.prepare(model, lotion_fx.LotionConfig(block_size=16, skip=("head", "w_*")))
-    assert set(lotion_fx.smoothers(prepared)) == {"fc.weight"}
+    assert set(lotion_fx.smoothers(prepared)) == {"fc.weight"}  # w_in_out too is skipped by "w_*"
     reasons = {s.param_name: s.reason for s in lotion_fx.prepared_info(prepared).result.skipped}
     assert reasons["w_lin"] == "skipped by pattern 'w_*'" and "'head'" in reasons["emb.weight"]
     opt = torch.optim.SGD(prepared.parameters(), lr=0.1)
