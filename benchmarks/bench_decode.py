@@ -1,114 +1,244 @@
-"""Weight memory and single-batch decode latency of a 124M GPT: bf16 vs lotion_fx.convert formats.
+"""KV-cache decode speed of a ~1.1B Llama-shaped model: bf16 vs our packed int8/int4/nvfp4 kernels.
 
-Each variant is the GPT (examples/gpt.py, preset "gpt2") in bf16 on CUDA, converted with
-`lotion_fx.convert` (ptq, RTN codes); `int4-tinygemm` is torchao's own Int4WeightOnlyConfig
-(tile-packed, its own bf16 scales/zero points: NOT bit-exact to our codes) for reference.
-A decode step is one compiled forward of a (1, 1) token batch: the example GPT has no KV cache, so
-this is the weight-bandwidth-bound part of a cached decode step. Usage:
-    python -m benchmarks.bench_decode [--variants bf16,int8,int4,nvfp4,int4-tinygemm] [--out FILE]
+The model (defined here, random init, no download) is Llama-3-shaped: d=2048, 16 layers, 32 heads
+with 8 KV heads, SwiGLU 8192, vocab 32000, untied head, RoPE, a static KV cache (gpt-fast style).
+Each Linear weight is replaced by `to_torchao(w, fmt, default block, "LotionPackedTensor")` (the
+tensor `lotion_fx.convert` makes: RTN codes, F.linear -> our Triton kernels on CUDA);
+`torchao-int8` / `torchao-int4` are torchao's own Int8WeightOnlyConfig / Int4WeightOnlyConfig
+(tinygemm, group 128) as anchors. Prefill of `--prefill` tokens (eager), then decode steps with
+torch.compile(mode="reduce-overhead") (CUDA graphs). "% of BW limit" = (weight bytes / measured
+device-to-device copy bandwidth) / ms per token. Usage:
+    python benchmarks/bench_decode.py [--quick] [--batches 1,8] [--variants ...] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tabulate import tabulate
+from torch import nn
 
-import lotion_fx
-from examples.gpt import GPT, GPTConfig
-from lotion_fx.backends.torchao_export import nbytes
+from lotion_fx.backends import torchao_export as X
+from lotion_fx.reference import resolve_block
 
-FORMAT = {"int8": "int8", "int4": "int4", "nvfp4": "nvfp4"}
+OURS = {"int8": "int8", "int4": "int4", "nvfp4": "nvfp4"}
 
 
-def build(variant: str, cfg: GPTConfig) -> torch.nn.Module:
-    """The bf16 GPT, converted as `variant` says."""
+@dataclass
+class Cfg:
+    dim: int = 2048
+    layers: int = 16
+    heads: int = 32
+    kv_heads: int = 8
+    ffn: int = 8192
+    vocab: int = 32000
+    max_len: int = 1024
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Cfg, batch: int) -> None:
+        super().__init__()
+        self.h, self.kvh, self.hd = c.heads, c.kv_heads, c.dim // c.heads
+        self.wq = nn.Linear(c.dim, c.dim, bias=False)
+        self.wk = nn.Linear(c.dim, self.kvh * self.hd, bias=False)
+        self.wv = nn.Linear(c.dim, self.kvh * self.hd, bias=False)
+        self.wo = nn.Linear(c.dim, c.dim, bias=False)
+        self.register_buffer("k_cache", torch.zeros(batch, self.kvh, c.max_len, self.hd), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(batch, self.kvh, c.max_len, self.hd), persistent=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = _rope(self.wq(x).view(b, s, self.h, self.hd), rope).transpose(1, 2)
+        k = _rope(self.wk(x).view(b, s, self.kvh, self.hd), rope).transpose(1, 2)
+        v = self.wv(x).view(b, s, self.kvh, self.hd).transpose(1, 2)
+        self.k_cache.index_copy_(2, pos, k)
+        self.v_cache.index_copy_(2, pos, v)
+        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def _rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    xr = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = rope[..., 0].unsqueeze(-2), rope[..., 1].unsqueeze(-2)
+    out = torch.stack([xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 1] * cos + xr[..., 0] * sin], -1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, c: Cfg, batch: int) -> None:
+        super().__init__()
+        self.attn = Attention(c, batch)
+        self.n1, self.n2 = nn.RMSNorm(c.dim), nn.RMSNorm(c.dim)
+        self.w1 = nn.Linear(c.dim, c.ffn, bias=False)
+        self.w3 = nn.Linear(c.dim, c.ffn, bias=False)
+        self.w2 = nn.Linear(c.ffn, c.dim, bias=False)
+
+    def forward(self, x, rope, pos, mask):
+        x = x + self.attn(self.n1(x), rope, pos, mask)
+        h = self.n2(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, c: Cfg, batch: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(c.vocab, c.dim)
+        self.blocks = nn.ModuleList(Block(c, batch) for _ in range(c.layers))
+        self.norm = nn.RMSNorm(c.dim)
+        self.head = nn.Linear(c.dim, c.vocab, bias=False)
+        hd = c.dim // c.heads
+        ang = torch.outer(torch.arange(c.max_len).float(), 500000.0 ** (-torch.arange(0, hd, 2).float() / hd))
+        self.register_buffer("rope", torch.stack([ang.cos(), ang.sin()], -1), persistent=False)
+        self.register_buffer("causal", torch.ones(c.max_len, c.max_len, dtype=torch.bool).tril(), persistent=False)
+
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = self.emb(idx)
+        rope, mask = self.rope[pos], self.causal[pos][None, None]
+        for blk in self.blocks:
+            x = blk(x, rope, pos, mask)
+        return self.head(self.norm(x[:, -1:]))
+
+
+def build(variant: str, c: Cfg, batch: int, device: str) -> nn.Module:
     torch.manual_seed(0)
-    model = GPT(cfg).to("cuda", torch.bfloat16).eval()
+    model = Llama(c, batch)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.02) if p.dim() == 2 else None
+    model = model.to(device, torch.bfloat16).eval()
     if variant == "bf16":
         return model
-    if variant == "int4-tinygemm":
-        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    if variant.startswith("torchao-"):
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-        quantize_(model, Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d"))
+        cfg = (Int8WeightOnlyConfig() if variant == "torchao-int8"
+               else Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+        quantize_(model, cfg)
         return model
-    ids = torch.zeros(1, 8, dtype=torch.long, device="cuda")
-    prepared = lotion_fx.prepare(model, lotion_fx.LotionConfig(method="ptq", format=FORMAT[variant]), example_inputs=(ids,))
-    return lotion_fx.convert(prepared).eval()
+    fmt = OURS[variant]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                block = resolve_block(None, fmt, m.in_features)
+                m.weight = nn.Parameter(X.to_torchao(m.weight, fmt, block, X.PACKED), requires_grad=False)
+    return model
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += nbytes(t)
-    return total
+def weight_bytes(model: nn.Module) -> int:
+    return sum(X.nbytes(p) for p in model.parameters())
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (read + write counted)."""
+    a = torch.empty(2**28, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    _sync(device)
+    return 2 * a.numel() * 4 * 20 / (time.perf_counter() - t0)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 @torch.no_grad()
-def decode_latency_ms(model: torch.nn.Module, mode: str, iters: int = 200, repeats: int = 5) -> float:
-    """Median over repeats of the mean time of one compiled (1, 1) forward."""
-    step = torch.compile(model, mode=mode)
-    tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-    for _ in range(10):
-        step(tok)
-    torch.cuda.synchronize()
+def measure(model: nn.Module, c: Cfg, batch: int, prefill: int, steps: int, device: str, mode: str | None):
+    """(prefill ms, decode ms/token): eager prefill, then compiled single-token steps."""
+    ids = torch.randint(0, c.vocab, (batch, prefill), device=device)
+    pos = torch.arange(prefill, device=device)
+    model(ids, pos)  # warm-up (and Triton autotuning at M = batch * prefill)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = model(ids, pos)
+    _sync(device)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    step = torch.compile(model, mode=mode, fullgraph=True) if mode else model
+    tok = logits.argmax(-1)
+    p = torch.tensor([prefill], device=device)
+    for i in range(3):  # compile + CUDA graph capture
+        tok = step(tok, p + i).argmax(-1)
+    _sync(device)
     times = []
-    for _ in range(repeats):
+    for r in range(3):
         t0 = time.perf_counter()
-        for _ in range(iters):
-            step(tok)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) / iters * 1e3)
-    return statistics.median(times)
+        for i in range(steps):
+            tok = step(tok, p + 3 + (r * steps + i) % (c.max_len - prefill - 4)).argmax(-1)
+        _sync(device)
+        times.append((time.perf_counter() - t0) / steps * 1e3)
+    return prefill_ms, statistics.median(times)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="bf16,int8,int4,nvfp4,int4-tinygemm")
-    ap.add_argument("--mode", default="reduce-overhead", help="torch.compile mode (reduce-overhead = CUDA graphs)")
-    ap.add_argument("--untied", action="store_true", help="untie lm_head from the embedding (GPTConfig.tie_weights=False)")
-    ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    ap.add_argument("--variants", default="bf16,int4,nvfp4,int8,torchao-int4,torchao-int8")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--mode", default="reduce-overhead")
+    ap.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    cfg = GPTConfig.preset("gpt2", tie_weights=not args.untied)
-    args.n_params = sum(p.numel() for p in GPT(cfg).parameters())
-    rows = []
-    base = None
-    for variant in args.variants.split(","):
-        t0 = time.time()
-        try:
-            model = build(variant, cfg)
-            wb = weight_bytes(model)
-            ms = decode_latency_ms(model, args.mode)
-        except Exception as e:  # report and go on: one variant failing must not hide the others
-            rows.append([variant, "-", "-", "-", f"failed: {type(e).__name__}: {str(e)[:80]}"])
-            print(rows[-1], flush=True)
-            write(rows, args)
-            continue
-        base = base or (wb, ms)
-        rows.append([variant, f"{wb / 2**20:.1f}", f"{base[0] / wb:.2f}x", f"{ms:.3f}", f"{base[1] / ms:.2f}x"])
-        print(rows[-1], f"({time.time() - t0:.0f}s)", flush=True)
-        del model
-        torch.cuda.empty_cache()
-        torch._dynamo.reset()
-        write(rows, args)  # after every variant, so a time limit keeps what was measured
-    print(write(rows, args))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    c = Cfg(dim=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=1024, max_len=128) if args.quick else Cfg()
+    prefill = min(args.prefill, c.max_len // 2)
+    mode = args.mode if device == "cuda" else None
+    bw = copy_bandwidth(device)
+    n_params = sum(p.numel() for p in Llama(c, 1).parameters())
+    title = (f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} | torch {torch.__version__} | "
+             f"Llama-shaped {n_params / 1e9:.2f}B params (d={c.dim}, {c.layers} layers, vocab {c.vocab}), "
+             f"bf16 activations, prefill {prefill}, static KV cache, torch.compile(mode={mode!r}) decode | "
+             f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(title, flush=True)
+    rows, base, start = [], {}, time.time()
+    for batch in map(int, args.batches.split(",")):
+        for variant in args.variants.split(","):
+            if time.time() - start > args.budget_s:
+                rows.append([variant, batch, "-", "-", "-", "-", "-", "-", "skipped (time budget)"])
+                continue
+            t0 = time.time()
+            try:
+                model = build(variant, c, batch, device)
+                wb = weight_bytes(model)
+                pre, ms = measure(model, c, batch, prefill, args.steps, device, mode)
+            except Exception as e:  # one failing variant must not hide the others
+                rows.append([variant, batch, "-", "-", "-", "-", "-", "-", f"{type(e).__name__}: {str(e)[:90]}"])
+                print(rows[-1], flush=True)
+                continue
+            finally:
+                torch._dynamo.reset()
+            base.setdefault(batch, (ms, pre))
+            limit_ms = wb / bw * 1e3
+            rows.append([variant, batch, f"{wb / 2**20:.0f}", f"{ms:.3f}", f"{batch * 1e3 / ms:.0f}",
+                         f"{base[batch][0] / ms:.2f}x", f"{100 * limit_ms / ms:.0f}%", f"{pre:.1f}",
+                         f"{pre / base[batch][1]:.2f}x"])
+            print(rows[-1], f"({time.time() - t0:.0f}s)", flush=True)
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            write(title, rows, args.out)
+    print(write(title, rows, args.out))
 
 
-def write(rows: list[list[str]], args: argparse.Namespace) -> str:
-    n = args.n_params
-    title = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | GPT gpt2 preset, {n / 1e6:.0f}M params, "
-             f"{'untied' if args.untied else 'tied'} lm_head/embedding, bf16 activations, batch 1, "
-             f"torch.compile(mode={args.mode!r})")
-    table = tabulate(rows, headers=["weights", "weight MiB", "vs bf16", "ms / token", "speed-up"], tablefmt="github")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(title + "\n\n" + table + "\n")
-    return title + "\n\n" + table
+def write(title: str, rows: list, out: str | None) -> str:
+    head = ["weights", "batch", "weight MiB", "ms / token", "tokens / s", "speed-up vs bf16", "% of BW limit",
+            "prefill ms", "prefill vs bf16"]
+    text = title + "\n\n" + tabulate(rows, headers=head, tablefmt="github")
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -91,8 +91,9 @@ class _Plan:
 def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn.Module:
     """Return the original module with each prepared Linear weight replaced by a torchao tensor.
 
-    formats: optional {our format: torchao class name} overriding the defaults
-    (int8 -> Int8Tensor, int4 -> IntxUnpackedToInt8Tensor, nvfp4 -> NVFP4Tensor). Every layer is
+    formats: optional {our format: class name} overriding the defaults (int8, int4, nvfp4 ->
+    LotionPackedTensor: our packed codes, Triton weight-only kernels on CUDA, plain torch on CPU;
+    torchao's Int8Tensor / IntxUnpackedToInt8Tensor / NVFP4Tensor stay selectable). Every layer is
     checked before the first change; unprepared layers are left as they are. A weight tied to a
     non-Linear module (e.g. an Embedding) is shared with it when the torchao class supports
     embedding lookups, else that module gets the dequantized weight (what quantized_eval used).

@@ -19,6 +19,10 @@ RUNNABLE = [
     ("int4", None, "IntxUnpackedToInt8Tensor"),
     ("int4", "tensor", "IntxUnpackedToInt8Tensor"),
     ("nvfp4", None, "NVFP4Tensor"),
+    ("int8", None, X.PACKED),
+    ("int4", None, X.PACKED),
+    ("int4", "tensor", X.PACKED),
+    ("nvfp4", None, X.PACKED),
 ]
 
 
@@ -56,7 +60,7 @@ def test_dequantized_weight_is_fake_quantize(fmt: str, block, target: str, dtype
     b = lotion_fx.reference.resolve_block(block, fmt, w.shape[-1])
     t = X.to_torchao(w, fmt, b, target)
     assert type(t).__name__ == target and t.shape == w.shape and t.dtype == dtype
-    assert torch.equal(t.dequantize(), lotion_fx.fake_quantize(w, fmt, b, rounding="nearest"))
+    assert torch.equal(t.dequantize(), lotion_fx.fake_quantize(w, fmt, block, rounding="nearest"))
     assert X.nbytes(t) < X.nbytes(w)
 
 
@@ -78,7 +82,7 @@ def test_convert_matches_quantized_eval(fmt: str, block, target: str) -> None:
             if isinstance(deployed.get_submodule(name.rpartition(".")[0]), nn.Linear):
                 w = deployed.get_parameter(name)
                 assert type(w.data).__name__ == target, name
-                assert torch.equal(w.dequantize(), lotion_fx.fake_quantize(fp[name], fmt, rec.block)), name
+                assert torch.equal(w.dequantize(), lotion_fx.fake_quantize(fp[name], fmt, X.block_spec(rec.block))), name
     # Tied weight: lm_head is a Linear; wte (an Embedding) shares it or holds RTN(w) exactly.
     emb = deployed.wte.weight
     emb = emb.dequantize() if type(emb.data).__name__ == target else emb
@@ -98,7 +102,7 @@ def test_convert_matches_quantized_eval(fmt: str, block, target: str) -> None:
     assert "total" in str(report) and str(report.bytes_after) in str(report)
 
 
-@pytest.mark.parametrize("fmt,block,target", [RUNNABLE[0], RUNNABLE[2], RUNNABLE[4]])
+@pytest.mark.parametrize("fmt,block,target", [RUNNABLE[0], RUNNABLE[2], RUNNABLE[4], RUNNABLE[6], RUNNABLE[8]])
 def test_state_dict_round_trip(fmt: str, block, target: str, tmp_path) -> None:
     model, x, _ = _model_and_batch()
     deployed = lotion_fx.convert(_prepare(model, x, fmt, block), formats={fmt: target}).eval()
@@ -112,22 +116,13 @@ def test_state_dict_round_trip(fmt: str, block, target: str, tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(fresh(x), want)
 
-    # safetensors: torchao's flatten/unflatten of its tensor subclasses into plain tensors + metadata.
-    st = pytest.importorskip("safetensors.torch")
-    from torchao.prototype.safetensors.safetensors_support import (
-        flatten_tensor_state_dict,
-        unflatten_tensor_state_dict,
-    )
-
-    sd = {k: v.data if isinstance(v, nn.Parameter) else v for k, v in deployed.state_dict().items()}
-    data, meta = flatten_tensor_state_dict(sd)
-    st.save_file(data, str(tmp_path / "model.safetensors"), metadata=meta)
-    with st.safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        loaded_meta = f.metadata()
-    restored, leftover = unflatten_tensor_state_dict(st.load_file(str(tmp_path / "model.safetensors")), loaded_meta)
-    assert not leftover
+    # safetensors: our packed tensors as inner tensors + metadata, torchao's through its own flattening.
+    pytest.importorskip("safetensors")
+    X.save_safetensors(deployed.state_dict(), str(tmp_path / "model.safetensors"))
+    restored = X.load_safetensors(str(tmp_path / "model.safetensors"))
     fresh = GPT(CFG).eval()
     fresh.load_state_dict(restored, assign=True)
+    assert type(fresh.blocks[0].attn.qkv.weight.data).__name__ == target
     with torch.no_grad():
         assert torch.equal(fresh(x), want)
 
@@ -152,3 +147,44 @@ def test_unsupported_layers_raise_before_any_change() -> None:
     assert all(type(p.data) is torch.Tensor for p in model64.parameters())
     with pytest.raises(TypeError, match="not a prepared model"):
         lotion_fx.convert(model64)
+
+
+class _MHAModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.mha = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.out = nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(self.mha(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nvfp4"])
+def test_multihead_attention_converts_and_matches_quantized_eval(fmt: str) -> None:
+    """F.multi_head_attention_forward reads out_proj.weight directly (aten.t): issue 12 item 9."""
+    torch.manual_seed(0)
+    model = _MHAModel().eval()
+    x = torch.randn(2, 5, 32)
+    prepared = lotion_fx.prepare(model, lotion_fx.LotionConfig(method="qat", format=fmt), example_inputs=(x,))
+    with lotion_fx.quantized_eval(prepared) as q, torch.no_grad():
+        want = q(x)
+    deployed = lotion_fx.convert(prepared).eval()
+    assert type(deployed.mha.out_proj.weight.data).__name__ == X.PACKED
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_nvfp4_linear_on_noncontiguous_3d_input() -> None:
+    """A converted nvfp4 Linear on an expanded / transposed 3-D input: issue 12 item 10."""
+    model, x, _ = _model_and_batch()
+    deployed = lotion_fx.convert(_prepare(model, x, "nvfp4", None)).eval()
+    lin = deployed.blocks[0].mlp.fc
+    wq = lin.weight.dequantize()
+    h = torch.randn(1, 5, lin.in_features).expand(3, 5, lin.in_features)  # aten.expand, stride 0
+    ht = torch.randn(5, 3, lin.in_features).transpose(0, 1)
+    with torch.no_grad():
+        for inp in (h, ht):
+            want = (inp.double() @ wq.double().T + lin.bias.double())
+            torch.testing.assert_close(lin(inp).double(), want, rtol=1e-5, atol=1e-5)

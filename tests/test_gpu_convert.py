@@ -8,6 +8,7 @@ from torch import nn
 
 import lotion_fx
 from examples.gpt import GPT
+from lotion_fx.backends import torchao_export as X
 from test_convert import CFG, RUNNABLE, _loss, _model_and_batch, _prepare
 
 pytestmark = [
@@ -32,7 +33,7 @@ def test_cuda_convert_matches_quantized_eval(fmt: str, block, target: str, dtype
             if isinstance(deployed.get_submodule(name.rpartition(".")[0]), nn.Linear):
                 w = deployed.get_parameter(name)
                 assert type(w.data).__name__ == target and w.device.type == "cuda"
-                assert torch.equal(w.dequantize(), lotion_fx.fake_quantize(fp[name], fmt, rec.block)), name
+                assert torch.equal(w.dequantize(), lotion_fx.fake_quantize(fp[name], fmt, X.block_spec(rec.block))), name
     with torch.no_grad():
         got, logits = _loss(deployed, x, y).double(), deployed(x)
         compiled = torch.compile(deployed)(x)

@@ -1,0 +1,387 @@
+"""Weight-only matmuls for our packed int8 / int4 / nvfp4 codes: Triton on CUDA, plain torch beside it.
+
+Storage (one layout per format; `pack` builds it from `reference.quantize`'s codes):
+
+| format | qdata                                    | scale                           | tensor_scale |
+|--------|------------------------------------------|---------------------------------|--------------|
+| int8   | int8 codes, (N, K)                       | fp32, (N or 1, K // group)      | unused (1.0) |
+| int4   | uint8, two codes per byte as code + 8,   | fp32, (N or 1, K // group)      | unused (1.0) |
+|        | low nibble = even column, (N, K // 2)    |                                 |              |
+| nvfp4  | uint8, two E2M1 codes per byte (sign in  | float8_e4m3fn, (N, K // 16)     | fp32 scalar  |
+|        | bit 3), low nibble first, (N, K // 2)    |                                 |              |
+
+Dequantization is `(code_f32 * scale_f32).to(dtype)` with nvfp4's scale `e4m3_f32 * tensor_scale`:
+the same float operations as `reference.fake_quantize`, so the weight the kernels multiply by is
+bit-exact to what `quantized_eval` uses. The kernels dequantize a (BLOCK_N, BLOCK_K) tile in
+registers and feed `tl.dot` (fp32 accumulation): a split-K GEMV for M <= 16 (decode) whose fp32
+partials are summed by torch (Inductor fuses that sum into the next op), and a tiled GEMM above.
+`weight_only_linear` is a `torch.library.triton_op`, so torch.compile (and CUDA graphs) trace it
+without a graph break; `linear_reference` is the plain-torch path (CPU) and the tests' reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+FMT_IDS = {"int8": 0, "int4": 1, "nvfp4": 2}
+INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+# ----------------------------------------------------------------------------- packing (plain torch)
+def _pack_nibbles(nib: Tensor) -> Tensor:
+    nib = nib.to(torch.uint8)
+    return nib[..., 0::2] | (nib[..., 1::2] << 4)
+
+
+def _unpack_nibbles(packed: Tensor) -> Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def pack_codes(codes: Tensor, fmt: str) -> Tensor:
+    """Grid values (float, shape (N, K)) -> qdata in the layout above."""
+    if fmt == "int8":
+        return codes.to(torch.int8)
+    if codes.shape[-1] % 2:
+        raise ValueError(f"{fmt} packs two codes per byte: in_features {codes.shape[-1]} must be even")
+    if fmt == "int4":
+        return _pack_nibbles(codes.to(torch.int16) + 8)
+    if fmt == "nvfp4":
+        mag = torch.bucketize(codes.abs().float(), _E2M1.to(codes.device))
+        if not torch.equal(_E2M1.to(codes.device)[mag.clamp(max=7)], codes.abs().float()):
+            raise ValueError("nvfp4 codes must be E2M1 grid values")
+        return _pack_nibbles(mag | (torch.signbit(codes).to(torch.int64) << 3))
+    raise ValueError(f"no packed layout for format {fmt!r}; choose one of {sorted(FMT_IDS)}")
+
+
+def unpack_codes(qdata: Tensor, fmt: str) -> Tensor:
+    """qdata -> grid values as float32, shape (N, K)."""
+    if fmt == "int8":
+        return qdata.to(torch.float32)
+    nib = _unpack_nibbles(qdata).to(torch.int64)
+    if fmt == "int4":
+        return (nib - 8).to(torch.float32)
+    mag = _E2M1.to(qdata.device)[nib & 7]
+    return torch.where(nib >= 8, -mag, mag)
+
+
+def dequantize_reference(qdata: Tensor, scale: Tensor, tensor_scale: Tensor, fmt: str, dtype: torch.dtype) -> Tensor:
+    """Plain-torch dequantization: the weight `fake_quantize` gives, element for element."""
+    q = unpack_codes(qdata, fmt)
+    s = scale.to(torch.float32)
+    if fmt == "nvfp4":
+        s = s * tensor_scale.to(torch.float32)
+    n, k = q.shape
+    group = k // s.shape[-1]
+    return (q.reshape(n, -1, group) * s.unsqueeze(-1)).reshape(n, k).to(dtype)
+
+
+def linear_reference(
+    x: Tensor, qdata: Tensor, scale: Tensor, tensor_scale: Tensor, bias: Tensor | None, fmt: str
+) -> Tensor:
+    """F.linear with the dequantized weight (in x's dtype): the CPU path and the kernels' reference."""
+    return F.linear(x, dequantize_reference(qdata, scale, tensor_scale, fmt, x.dtype), bias)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+# Every kernel reads the weight as 2-column words: a byte of two nibbles (int4, nvfp4) or an int16 of
+# two int8 codes (int8), and decodes the even columns ("lo") and the odd columns ("hi") as two tiles
+# that multiply x's even and odd columns: no nibble interleave. A tile is (BLOCK_N, BLOCK_K // SG, SG // 2)
+# words: SG columns share one scale (SG divides the block, or the whole row has one scale), so the
+# kernel loads one scale per (row, SG columns) and broadcasts it over the last axis.
+@triton.jit
+def _round_to(v, OUT: tl.constexpr):
+    """fp32 -> OUT, round to nearest even (what torch's .to() does)."""
+    if INTERPRET and OUT == tl.bfloat16:  # the interpreter truncates fp32 -> bf16: round on the bits
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True).to(OUT)
+    else:
+        return v.to(OUT)
+
+
+@triton.jit
+def _e2m1(nib):
+    """E2M1 nibble (int32; sign bit 3) -> fp32 on the bits: 0, 0.5, then (1 + m/2) * 2^(e-1)."""
+    n3 = nib & 7
+    bits = tl.where(n3 >= 2, (n3 << 22) + 0x3F000000, n3 * 0x3F000000) | ((nib & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4(nib):
+    """Nibble n (int32, code + 8) -> n - 8 as fp32, exactly: 2^23 + n on the bits, minus 2^23 + 8."""
+    return (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def _wtile(q_ptr, s_ptr, ts, offs_n, k0, N, K, stride_qn, stride_sn, group,
+           FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SG: tl.constexpr, OUT: tl.constexpr):
+    """Dequantized weight at columns k0 + [0, BLOCK_K): (even, odd) columns, each (BLOCK_N, BLOCK_K // SG,
+    SG // 2) fp32 holding (code_f32 * scale_f32).to(OUT): the values `dequantize_reference` gives."""
+    G: tl.constexpr = BLOCK_K // SG
+    C: tl.constexpr = SG // 2
+    n3 = offs_n[:, None, None]
+    j3 = tl.arange(0, G)[None, :, None]
+    w3 = k0 // 2 + j3 * C + tl.arange(0, C)[None, None, :]  # word index
+    v = tl.load(q_ptr + n3 * stride_qn + w3, mask=(n3 < N) & (w3 < K // 2), other=0).to(tl.int32)
+    if FMT == 0:  # int16 word, little endian: low byte = even column, both signed
+        lo = ((v << 24) >> 24).to(tl.float32)
+        hi = (v >> 8).to(tl.float32)
+    elif FMT == 1:
+        lo = _int4(v & 0xF)
+        hi = _int4((v >> 4) & 0xF)
+    else:
+        lo = _e2m1(v & 0xF)
+        hi = _e2m1((v >> 4) & 0xF)
+    kb = k0 + j3 * SG  # first column of each scale group in the tile: (1, G, 1)
+    smask = (n3 < N) & (kb < K)
+    s_off = n3 * stride_sn + kb // group
+    if FMT == 2:  # E4M3 bits -> fp32, exactly (scales are positive): normal or subnormal
+        sb = tl.load(s_ptr + s_off, mask=smask, other=0).to(tl.int32)
+        se = (sb >> 3) & 15
+        sm = sb & 7
+        normal = (((se + 120) << 23) | (sm << 20)).to(tl.float32, bitcast=True)
+        s = tl.where(se == 0, sm.to(tl.float32) * 0.001953125, normal) * ts  # 2^-9
+    else:
+        s = tl.load(s_ptr + s_off, mask=smask, other=0.0)
+    lo = _round_to(lo * s, OUT).to(tl.float32)
+    hi = _round_to(hi * s, OUT).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_qn, stride_sn, group,
+                 iters_per, FMT: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BM: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SG: tl.constexpr):
+    """M <= BM <= 4 rows, no tl.dot: o[m, n] = sum_k x[m, k] W[n, k] as fp32 multiply + tl.sum. Program
+    (pid_n, pid_k) owns BLOCK_N rows and iters_per K tiles; PARTIAL: fp32 partials o[pid_k, m, n]."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    G: tl.constexpr = BLOCK_K // SG
+    C: tl.constexpr = SG // 2
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = 2 * (tl.arange(0, G)[:, None] * C + tl.arange(0, C)[None, :])  # even columns of a tile: (G, C)
+    ts = tl.load(ts_ptr)
+    rows = tl.arange(0, BM)
+    acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+    it0 = pid_k * iters_per
+    it1 = tl.minimum(it0 + iters_per, tl.cdiv(K, BLOCK_K))
+    for it in range(it0, it1):
+        k0 = it * BLOCK_K
+        lo, hi = _wtile(q_ptr, s_ptr, ts, offs_n, k0, N, K, stride_qn, stride_sn, group,
+                        FMT, BLOCK_N, BLOCK_K, SG, x_ptr.dtype.element_ty)
+        for m in tl.static_range(BM):
+            xp = x_ptr + m * stride_xm + k0 + kk
+            lim = tl.where(m < M, K - k0, 0)  # rows m >= M (BM > M) read nothing
+            xe = tl.load(xp, mask=kk < lim, other=0.0).to(tl.float32)
+            xo = tl.load(xp + 1, mask=kk + 1 < lim, other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2), axis=1)
+            if BM == 1:
+                acc += part[None, :]
+            else:
+                acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out = o_ptr + pid_k * M * N + rows[:, None] * N + offs_n[None, :]
+    tl.store(out, _round_to(acc, o_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _dot_acc(acc, x, w, IEEE: tl.constexpr):
+    if IEEE:  # fp32 inputs: no TF32, like torch's default matmul
+        return acc + tl.dot(x, tl.trans(w), input_precision="ieee")
+    elif INTERPRET:  # the interpreter's 16-bit tl.dot is wrong; products of 16-bit floats are exact in fp32
+        return acc + tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    else:
+        return acc + tl.dot(x, tl.trans(w.to(x.dtype)))
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_qn, stride_sn, group,
+                 iters_per, FMT: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SG: tl.constexpr):
+    """o = x @ dequant(W).T (+ bias) with tl.dot: two dots per K tile, x's even columns times the even
+    weight columns and odd times odd. Tiles ordered in groups of 8 rows of tiles for L2 reuse; axis 1
+    splits K (PARTIAL: fp32 partials o[pid_k, m, n], summed by the caller)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = 8 * num_n
+    first_m = (pid // width) * 8
+    size_m = tl.minimum(num_m - first_m, 8)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ke = 2 * tl.arange(0, BLOCK_K // 2)
+    ts = tl.load(ts_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    it0 = pid_k * iters_per
+    it1 = tl.minimum(it0 + iters_per, tl.cdiv(K, BLOCK_K))
+    for it in range(it0, it1):
+        k0 = it * BLOCK_K
+        xp = x_ptr + offs_m[:, None] * stride_xm + k0 + ke[None, :]
+        xe = tl.load(xp, mask=(offs_m[:, None] < M) & (k0 + ke[None, :] < K), other=0.0)
+        xo = tl.load(xp + 1, mask=(offs_m[:, None] < M) & (k0 + ke[None, :] + 1 < K), other=0.0)
+        lo, hi = _wtile(q_ptr, s_ptr, ts, offs_n, k0, N, K, stride_qn, stride_sn, group,
+                        FMT, BLOCK_N, BLOCK_K, SG, x_ptr.dtype.element_ty)
+        acc = _dot_acc(acc, xe, tl.reshape(lo, (BLOCK_N, BLOCK_K // 2)), IEEE)
+        acc = _dot_acc(acc, xo, tl.reshape(hi, (BLOCK_N, BLOCK_K // 2)), IEEE)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(o_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], _round_to(acc, o_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, ts_ptr, w_ptr, N, K, stride_qn, stride_sn, group,
+                    FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SG: tl.constexpr):
+    """w = dequant(W) as a plain (N, K) tensor of w's dtype (prefill: then cuBLAS)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    lo, hi = _wtile(q_ptr, s_ptr, tl.load(ts_ptr), offs_n, k0, N, K, stride_qn, stride_sn, group,
+                    FMT, BLOCK_N, BLOCK_K, SG, w_ptr.dtype.element_ty)
+    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # column k0 + j * SG + 2 * c + (0 | 1)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
+# ----------------------------------------------------------------------------- launch heuristics
+N_SM = 132  # H100 SXM; the heuristics only need its order of magnitude
+GEMV_MAX_M = 16  # M <= this: split-K GEMV (tl.sum for M <= 4, tl.dot above); larger: tiled GEMM
+SUM_MAX_M = 4
+DEQUANT_MIN_M = 128  # M >= this (prefill): dequantize to x's dtype, then cuBLAS
+# (BLOCK_N, BLOCK_K, num_warps, split_k) for every GEMV launch, for sweeps (benchmarks/bench_wo_linear.py)
+GEMV_OVERRIDE: tuple[int, int, int, int] | None = None
+GEMM_OVERRIDE: tuple[int, int, int, int, int] | None = None  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+
+
+def _scale_group(block_k: int, group: int, nblocks: int) -> int:
+    """Columns per scale inside a BLOCK_K tile (0: the packed kernels cannot take this layout)."""
+    if nblocks == 1:
+        return block_k
+    sg = math.gcd(group, block_k)
+    return sg if sg >= 2 else 0
+
+
+def _gemv_config(m: int, n: int, k: int, fmt: str) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, split_k) for M <= SUM_MAX_M."""
+    if GEMV_OVERRIDE is not None:
+        return GEMV_OVERRIDE
+    if INTERPRET:
+        return 8, 32, 4, 2 if k >= 64 else 1
+    bk = 256 if fmt == "int8" else 512  # 256 bytes of each row per iteration
+    bn = 8 if n <= 1024 else 16
+    bk = min(bk, max(32, triton.next_power_of_2(k)))
+    tiles = triton.cdiv(n, bn)
+    iters = triton.cdiv(k, bk)
+    split = max(1, min(triton.cdiv(2 * N_SM, tiles), iters, 8))
+    return bn, bk, 4, split
+
+
+def _dot_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k) for the tl.dot kernel."""
+    if INTERPRET:
+        return 16, 16, 32, 4, 1, 2 if m <= GEMV_MAX_M and k >= 64 else 1
+    if GEMM_OVERRIDE is not None:
+        bm, bn, bk, w, s = GEMM_OVERRIDE
+    elif m <= GEMV_MAX_M:
+        bm, bn, bk, w, s = 16, 32, 256, 4, 3
+    else:
+        bm, bn, bk, w, s = (64 if m <= 64 else 128), 128, 64, 8, 3
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = max(1, min(triton.cdiv(2 * N_SM, tiles), triton.cdiv(k, bk), 8)) if m <= GEMV_MAX_M else 1
+    return bm, bn, bk, w, s, split
+
+
+def check_operands(x: Tensor, qdata: Tensor, scale: Tensor, fmt: str) -> None:
+    """Clear errors for inputs the kernels cannot take."""
+    if fmt not in FMT_IDS:
+        raise ValueError(f"unknown packed format {fmt!r}; choose one of {sorted(FMT_IDS)}")
+    k = qdata.shape[1] * (1 if fmt == "int8" else 2)
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features but the weight has in_features {k}")
+    if k % scale.shape[1]:
+        raise ValueError(f"scale has {scale.shape[1]} blocks per row, which does not divide in_features {k}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"weight-only matmul takes float32/bfloat16/float16 inputs, not {x.dtype}")
+
+
+@torch.library.triton_op("lotion_fx::weight_only_linear", mutates_args=())
+def weight_only_linear(
+    x: Tensor, qdata: Tensor, scale: Tensor, tensor_scale: Tensor, bias: Tensor | None, fmt: str
+) -> Tensor:
+    """x @ dequant(W).T + bias with the Triton kernels; W in the packed layout of this module."""
+    check_operands(x, qdata, scale, fmt)
+    n = qdata.shape[0]
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    nblocks = scale.shape[1]
+    group = k // nblocks
+    if fmt == "int8":
+        if k % 2 or qdata.stride(1) != 1 or qdata.stride(0) % 2 or qdata.storage_offset() % 2:
+            return linear_reference(x, qdata, scale, tensor_scale, bias, fmt)  # no int16 word view
+        q = qdata.view(torch.int16)  # two int8 codes per word
+    else:
+        q = qdata
+    # scale is (N or 1, nblocks); int8/int4 per-tensor scales broadcast over rows (stride 0).
+    stride_sn = scale.stride(0) if scale.shape[0] == n else 0
+    s = scale.view(torch.uint8) if scale.dtype == torch.float8_e4m3fn else scale
+    ts = tensor_scale.reshape(1).to(torch.float32)
+    fid = FMT_IDS[fmt]
+    if m >= DEQUANT_MIN_M:  # prefill: one pass to x's dtype, then the dense matmul
+        bn, bk = (16, 64) if INTERPRET else (32, 256)
+        sg = _scale_group(bk, group, nblocks)
+        if not sg:
+            return linear_reference(x, qdata, scale, tensor_scale, bias, fmt)
+        w = torch.empty((n, k), device=x.device, dtype=x.dtype)
+        torch.library.wrap_triton(_dequant_kernel)[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+            q, s, ts, w, n, k, q.stride(0), stride_sn, group, FMT=fid, BLOCK_N=bn, BLOCK_K=bk, SG=sg, num_warps=4)
+        return F.linear(x2, w, bias).reshape(*lead, n)
+    if m <= SUM_MAX_M:
+        bn, bk, warps, split = _gemv_config(m, n, k, fmt)
+        cfg = dict(BM=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        kernel, grid_n = _gemv_kernel, triton.cdiv(n, bn)
+    else:
+        bm, bn, bk, warps, stages, split = _dot_config(m, n, k)
+        cfg = dict(IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                   num_stages=stages)
+        grid_n = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        kernel = _gemm_kernel
+    sg = _scale_group(bk, group, nblocks)
+    if not sg:
+        return linear_reference(x, qdata, scale, tensor_scale, bias, fmt)
+    iters = triton.cdiv(k, bk)
+    per = triton.cdiv(iters, split)
+    split = triton.cdiv(iters, per)  # no empty K ranges
+    if split == 1:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    torch.library.wrap_triton(kernel)[(grid_n, split)](
+        x2, q, s, ts, bias if bias is not None and split == 1 else ts, out, m, n, k, x2.stride(0), q.stride(0),
+        stride_sn, group, per, FMT=fid, HAS_BIAS=bias is not None and split == 1, PARTIAL=split > 1, SG=sg, **cfg)
+    if split > 1:  # Inductor fuses this sum (and the cast) into the consumer of the output
+        out = out.sum(0)
+        if bias is not None:
+            out = out + bias.to(torch.float32)
+        out = out.to(x.dtype)
+    return out.reshape(*lead, n)
+
+
+@weight_only_linear.register_fake
+def _(x: Tensor, qdata: Tensor, scale: Tensor, tensor_scale: Tensor, bias: Tensor | None, fmt: str) -> Tensor:
+    check_operands(x, qdata, scale, fmt)
+    return x.new_empty((*x.shape[:-1], qdata.shape[0]))
