@@ -197,6 +197,27 @@ def test_trainer_trains_saves_and_resumes_to_the_same_step(tmp_path) -> None:
         torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=0, msg=k)
 
 
+def test_trainer_torch_compile_matches_eager(tmp_path) -> None:
+    pytest.importorskip("accelerate")
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):  # aot_eager: the Trainer path; Inductor is checked above
+        model = lotion_fx.prepare(tiny(), cfg(), capture="dynamo")
+        extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        trainer = transformers.Trainer(model=model, train_dataset=_Windows(), args=_args(
+            tmp_path / str(compiled), max_steps=3, save_strategy="no", **extra))
+        trainer.train()
+        assert (trainer.model_wrapped is not model) == compiled  # Trainer really compiled it
+        runs.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], model.state_dict()))
+    (le, se), (lc, sc) = runs
+    assert len(le) == 3 and all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(le, lc))
+    for k in se:
+        torch.testing.assert_close(sc[k], se[k], rtol=1e-4, atol=1e-8, msg=k)
+    assert int(lotion_fx.smoothers(model)["lm_head.weight"].count) == 3
+    report = lotion_fx.audit(model)  # the kept model has no graph: the audit reports without a diff
+    assert report.capture == "dynamo" and len(report.layers) == LINEARS_PER_LAYER + 1 and report.diff is None
+
+
 def test_trainer_bf16_gradient_checkpointing(tmp_path) -> None:
     pytest.importorskip("accelerate")
     model = lotion_fx.prepare(tiny(), cfg(), capture="dynamo")
