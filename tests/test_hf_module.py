@@ -313,3 +313,26 @@ def test_peft_lora_on_prepared_model() -> None:
     deployed = lotion_fx.release(lotion_fx.convert(merged))
     with torch.no_grad():
         torch.testing.assert_close(deployed(x).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_example_hf_finetune_short_mode(tmp_path, capsys) -> None:
+    pytest.importorskip("accelerate")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `examples` without install
+    from examples import hf_finetune
+
+    records = hf_finetune.main(["--steps", "4", "--batch", "2", "--seq", "32", "--layers", "1", "--hidden", "64",
+                                "--max-bytes", "100000", "--eval-windows", "4", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert [r["method"] for r in records] == list(hf_finetune.METHODS)
+    assert all(math.isfinite(r["val_fp"]) and math.isfinite(r["val_quant"]) for r in records)
+    assert "| ptq" in printed and "| lotion" in printed and "greedy sample" in printed
+    best = records[0]["best"]
+    assert records[0]["sample"].startswith("def ")
+    saved = tmp_path / f"{best}-int4"
+    fresh = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(saved))
+    fresh.load_state_dict(torch.load(saved / "model.pt"), assign=True)  # the documented reload
+    assert type(fresh.lm_head.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert (tmp_path / f"{best}-trained" / "model.safetensors").is_file()
