@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -28,7 +29,17 @@ class LotionLinear(nn.Linear):
     """An nn.Linear whose weight passes through its `lotion` smoother before the matmul."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if _recomputing() and hasattr(self.lotion, "step"):
+            # Activation checkpointing reruns this forward inside backward; lotion_sampled's noise is
+            # keyed by a counter its forward advances, so step it back to redraw the same noise.
+            self.lotion.step.sub_(1)
         return F.linear(input, self.lotion(self.weight), self.bias)
+
+
+def _recomputing() -> bool:
+    """True when a forward runs inside autograd's backward (eager activation checkpointing).
+    Compiled graphs recompute inside the graph, without running this Python again."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def _hf_conv1d(mod: nn.Module) -> bool:

@@ -140,20 +140,27 @@ def test_eager_equals_compiled_inductor_and_aot_eager() -> None:
         assert math.isclose(pen, e_pen, rel_tol=1e-4)
 
 
-def test_gradient_checkpointing_updates_curvature_once() -> None:
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_is_invisible_to_the_smoothers(reentrant: bool) -> None:
     x = ids()
-    models = []
-    for ckpt in (False, True):
-        model = lotion_fx.prepare(tiny(), cfg(), capture="dynamo")
-        if ckpt:
-            model.gradient_checkpointing_enable()
-        model.train()
-        model(x, labels=x).loss.backward()
-        models.append(model)
-    plain, ckpt = models
-    for name, sm in lotion_fx.smoothers(ckpt).items():
-        assert int(sm.count) == 1  # recomputation does not count the step twice
-        torch.testing.assert_close(sm.g, lotion_fx.smoothers(plain)[name].g, rtol=1e-5, atol=1e-12)
+    for method, state in (("lotion", "count"), ("lotion_sampled", "step")):
+        models = []
+        for ckpt in (False, True):
+            model = lotion_fx.prepare(tiny(), cfg(method), capture="dynamo")
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.train()
+            for _ in range(2):
+                model(x, labels=x).loss.backward()
+            models.append(model)
+        plain, ckpt = models
+        for name, sm in lotion_fx.smoothers(ckpt).items():
+            # recomputation neither counts a step twice nor redraws the stochastic rounding
+            assert int(getattr(sm, state)) == 2
+            torch.testing.assert_close(ckpt.get_parameter(name).grad, plain.get_parameter(name).grad,
+                                       rtol=1e-5, atol=1e-8)
+            if method == "lotion":
+                torch.testing.assert_close(sm.g, lotion_fx.smoothers(plain)[name].g, rtol=1e-5, atol=1e-12)
 
 
 class _Windows(torch.utils.data.Dataset):
