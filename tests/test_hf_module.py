@@ -271,6 +271,23 @@ def test_generate_before_and_after_convert(kind: str, tmp_path) -> None:
     fresh.load_state_dict(torch.load(tmp_path / "model.pt"), assign=True)
     with torch.no_grad():
         assert torch.equal(fresh(x).logits, deployed(x).logits)
+    # and through safetensors, with torchao's flattening of its tensor subclasses
+    from safetensors.torch import load_file, safe_open, save_file
+    from torchao.prototype.safetensors.safetensors_support import (
+        flatten_tensor_state_dict,
+        unflatten_tensor_state_dict,
+    )
+
+    data, meta = flatten_tensor_state_dict({k: v.data for k, v in deployed.state_dict().items()})
+    save_file(data, str(tmp_path / "model.safetensors"), metadata=meta)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    restored, leftover = unflatten_tensor_state_dict(load_file(str(tmp_path / "model.safetensors")), meta)
+    assert not leftover
+    fresh = type(plain)(plain.config).eval()
+    fresh.load_state_dict(restored, assign=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, deployed(x).logits)
 
 
 def test_save_pretrained_round_trip(tmp_path) -> None:
