@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from lotion_fx import passes
 
-from .smoother import LotionSmoother
 
 SMOOTHER_ATTR = "lotion"
 
