@@ -24,6 +24,8 @@ from .convert import ConvertReport, conversion_report, convert  # torchao export
 from .formats import FORMATS, Format, get_format
 from .reference import fake_quantize, quantize, rounding_variance
 from .smoother import LotionSmoother
+from .hf_state import load_smoother_state  # reload a capture="dynamo" model's state (issue 13)
+from .module_capture import release  # undo capture="dynamo" (issue 13)
 from . import distributed  # noqa: F401  DDP / FSDP2 wrapping under torchrun (issue 7)
 
 _register_lowering()
@@ -45,12 +47,14 @@ __all__ = [
     "fake_quantize",
     "get_format",
     "is_prepared",
+    "load_smoother_state",
     "original",
     "penalty",
     "prepare",
     "prepared_info",
     "quantize",
     "quantized_eval",
+    "release",
     "rounding_variance",
     "smoothers",
 ]

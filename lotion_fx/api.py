@@ -13,6 +13,7 @@ from torch.fx import Graph, GraphModule
 
 from lotion_fx import passes
 
+from . import module_capture
 from . import reference as R
 from .checks import check_materialized, non_finite_summary
 from .config import LotionConfig
@@ -23,13 +24,13 @@ _INFO = "_lotion_info"
 
 @dataclass
 class PreparedInfo:
-    """What prepare did, kept on the prepared GraphModule (not in its state_dict)."""
+    """What prepare did, kept on the prepared module (not in its state_dict)."""
 
     config: LotionConfig
     original: nn.Module
-    capture: str  # "symbolic_trace" | "export"
+    capture: str  # "symbolic_trace" | "export" | "dynamo"
     result: passes.RewriteResult
-    graph_before: Graph | None  # None after pickling
+    graph_before: Graph | None  # None for "dynamo" (the model keeps its forward) and after pickling
 
     def __getstate__(self) -> dict:
         # an exported graph holds C++ objects pickle cannot save; the graph before the rewrite only
@@ -102,30 +103,56 @@ def _check_finite(gm: nn.Module, name: str, weight: Tensor) -> None:
         )
 
 
+CAPTURES = ("auto", "fx", "export", "dynamo")
+
+
+def _choose_capture(model: nn.Module, capture: str, example_inputs: Any) -> str:
+    """The capture to use; a clear error for an unknown name or inputs that do not fit it."""
+    if capture not in CAPTURES:
+        raise ValueError(f"unknown capture {capture!r}: choose one of {list(CAPTURES)}")
+    if capture == "dynamo" and example_inputs is not None:
+        raise ValueError(
+            "capture='dynamo' keeps the model and needs no example_inputs (torch.compile sees the real "
+            "inputs at each call); drop example_inputs, or use capture='export' to capture with them"
+        )
+    if capture == "export" and example_inputs is None:
+        raise ValueError("capture='export' needs example_inputs=(args...) for torch.export; pass them, "
+                         "or use capture='fx' or capture='dynamo'")
+    if capture == "fx" and example_inputs is not None:
+        raise ValueError("capture='fx' (torch.fx.symbolic_trace) uses no example_inputs; drop them, "
+                         "or use capture='export' to capture with them")
+    if capture == "auto":
+        if example_inputs is not None:
+            return "export"
+        return "dynamo" if module_capture.is_hf_model(model) else "fx"
+    return capture
+
+
 def prepare(
     model: nn.Module,
     config: LotionConfig | None = None,
     example_inputs: Any = None,
+    *,
+    capture: str = "auto",
 ) -> nn.Module:
-    """Capture `model` and route every Linear weight through one LOTION smoothing node.
+    """Route every Linear weight of `model` through one LOTION smoothing node.
 
-    Without example_inputs the model is captured with torch.fx.symbolic_trace; with them (a tuple
-    of forward's positional args) with torch.export, which handles models that tracing cannot.
-    The returned GraphModule shares the model's Parameter objects. A model with no Linear layer to
-    rewrite is returned unchanged, with a warning.
+    capture:
+      "fx": torch.fx.symbolic_trace; returns a GraphModule sharing the model's Parameters.
+      "export": torch.export with example_inputs (a tuple of forward's positional args), for models
+          that tracing cannot handle; returns a GraphModule sharing the Parameters.
+      "dynamo": returns the same model object, class and methods kept (generate, save_pretrained,
+          Trainer); each nn.Linear calls its smoother in eager and under torch.compile.
+      "auto" (default): "export" when example_inputs are given, else "dynamo" for a Hugging Face
+          PreTrainedModel, else "fx".
+    A model with no Linear layer to rewrite is returned unchanged, with a warning.
     """
     config = config or LotionConfig()
     _check_model(model)
-    if example_inputs is None:
-        gm, capture = passes.symbolic_trace(model), "symbolic_trace"
-    else:
-        gm, capture = passes.export(model, example_inputs), "export"
-    before = Graph()
-    out = before.graph_copy(gm.graph, {})
-    before.output(out)
+    capture = _choose_capture(model, capture, example_inputs)
 
     def resolve_block(module_name: str, weight: nn.Parameter) -> int:
-        _check_finite(gm, module_name, weight)
+        _check_finite(model, module_name, weight)
         try:
             return R.resolve_block(config.block_size, config.format, weight.shape[-1])
         except ValueError as e:
@@ -134,23 +161,44 @@ def prepare(
     def make_smoother(name: str, weight: nn.Parameter, block: int, index: int) -> nn.Module:
         return LotionSmoother(name, weight, block, config, index)
 
+    if capture == "dynamo":
+        result = module_capture.rewrite_modules(
+            model, skip=config.skip, resolve_block=resolve_block, make_smoother=make_smoother
+        )
+        if not result.rewritten:
+            _warn_unprepared(model, result)
+            return model
+        object.__setattr__(model, _INFO, PreparedInfo(config, model, "dynamo", result, None))
+        return model
+
+    if capture == "fx":
+        gm, capture = passes.symbolic_trace(model), "symbolic_trace"
+    else:
+        gm = passes.export(model, example_inputs)
+    before = Graph()
+    out = before.graph_copy(gm.graph, {})
+    before.output(out)
     result = passes.insert_smoothing_nodes(
         gm, skip=config.skip, resolve_block=resolve_block, make_smoother=make_smoother
     )
     if not result.rewritten:
-        import warnings
-
-        reasons = "; ".join(f"{s.node}: {s.reason}" for s in result.skipped) or "no Linear layers found"
-        warnings.warn(
-            f"lotion_fx.prepare found no Linear weight to rewrite in {type(model).__name__} "
-            f"({reasons}); returning the model unprepared",
-            stacklevel=2,
-        )
+        _warn_unprepared(model, result)
         return model
     passes.verify(gm, result)
     gm.train(model.training)
     _attach_info(gm, PreparedInfo(config, model, capture, result, before))
     return gm
+
+
+def _warn_unprepared(model: nn.Module, result: passes.RewriteResult) -> None:
+    import warnings
+
+    reasons = "; ".join(f"{s.node}: {s.reason}" for s in result.skipped) or "no Linear layers found"
+    warnings.warn(
+        f"lotion_fx.prepare found no Linear weight to rewrite in {type(model).__name__} "
+        f"({reasons}); returning the model unprepared",
+        stacklevel=3,
+    )
 
 
 def original(prepared: nn.Module) -> nn.Module:

@@ -467,7 +467,8 @@ def audit(
     return AuditReport(
         model=type(info.original).__name__, capture=info.capture, config=_config_dict(cfg), layers=layers,
         skipped=skipped, warnings=report_warnings, curvature_source=source, base_loss=base,
-        measured_all=everything, spearman=rho, diff=graph_diff(info.graph_before, prepared.graph) if info.graph_before is not None else None,
+        measured_all=everything, spearman=rho,
+        diff=graph_diff(info.graph_before, prepared.graph) if info.graph_before is not None else None,
     )
 
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from lotion_fx.backends import torchao_export as X
 
-from .api import prepared_info, smoothers
+from .api import prepared_info, smoothed_weight, smoothers
+from .checks import check_finite_weights
 
 _REPORT = "_lotion_convert_report"
 
@@ -82,10 +83,34 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 class _Plan:
     name: str
     aliases: list[str]
-    weight: torch.Tensor
+    weight: torch.Tensor  # (out, in): what the smoother quantized (param.t() for a Conv1D weight)
     fmt: str
     block: int
     target: str
+    transposed: bool = False
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 Conv1D: y = x @ W + b with W stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _as_linear(root: nn.Module, path: str, conv: nn.Module, q: nn.Parameter) -> None:
+    """Replace the Conv1D at `path` by an nn.Linear holding q (out, in): the same function."""
+    lin = nn.Linear(q.shape[1], q.shape[0], bias=conv.bias is not None, device="meta")
+    lin.weight = q
+    if conv.bias is not None:
+        lin.bias = conv.bias
+    parent, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, lin)
+
+
+def _refuse_after_convert(module: nn.Module, args: object) -> None:
+    raise RuntimeError(
+        "this prepared model was converted by lotion_fx.convert: its Linear weights are now frozen "
+        "torchao tensors, so training or evaluating the prepared handle would silently do nothing "
+        "useful. Use the module convert returned; to train again, prepare a fresh model."
+    )
 
 
 def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn.Module:
@@ -97,7 +122,9 @@ def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn
     checked before the first change; unprepared layers are left as they are. A weight tied to a
     non-Linear module (e.g. an Embedding) is shared with it when the torchao class supports
     embedding lookups, else that module gets the dequantized weight (what quantized_eval used).
-    The prepared model shares modules with the original, so do not run it after convert.
+    GPT-2 Conv1D layers become nn.Linear (same function, (out, in) quantized weight). The prepared
+    handle refuses to run afterwards (it shares the frozen weights); a capture="dynamo" model is
+    the original itself and comes back with plain Linear layers. NaN/Inf weights are refused.
     """
     info = prepared_info(prepared)
     orig = info.original
@@ -106,6 +133,8 @@ def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn
     if unknown:
         raise ValueError(f"formats has unknown format names {sorted(unknown)}; known: {sorted(X.TARGETS)}")
     smooth = smoothers(prepared)
+    check_finite_weights(((r.module_name, prepared.get_parameter(r.param_name)) for r in info.result.rewritten),
+                         "lotion_fx.convert")
     plans: list[_Plan] = []
     problems: list[str] = []
     for rec in info.result.rewritten:
@@ -120,13 +149,14 @@ def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn
             continue
         sm = smooth[rec.param_name]
         target = targets[sm.fmt]
+        w = smoothed_weight(prepared, rec.param_name)
         why = X.unsupported_reason(sm.fmt, sm.block, target, tuple(w.shape), w.dtype, w.device)
         if why is not None:
             problems.append(f"layer {rec.module_name!r} (format {sm.fmt}, device {w.device}): {why}")
             continue
         names = [rec.param_name, *rec.aliases]
         names.sort(key=lambda n: not isinstance(_owner(orig, n)[0], nn.Linear))  # a Linear's name first
-        plans.append(_Plan(names[0], names[1:], w, sm.fmt, sm.block, target))
+        plans.append(_Plan(names[0], names[1:], w, sm.fmt, sm.block, target, rec.transposed))
     if problems:
         raise ValueError("lotion_fx.convert changed nothing:\n  " + "\n  ".join(problems))
 
@@ -139,7 +169,15 @@ def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn
         tied, extra = [], 0
         for name in [p.name, *p.aliases]:
             owner, leaf = _owner(orig, name)
-            if isinstance(owner, nn.Linear) or (isinstance(owner, nn.Embedding) and p.target in X.EMBEDDING_OK):
+            if p.transposed and _is_conv1d(owner) and leaf == "weight":
+                _as_linear(orig, name.rpartition(".")[0], owner, q)
+                tied.append(f"{name} (Conv1D -> Linear)")
+            elif p.transposed:  # an (in, out) weight used by a plain matmul: RTN values, full size
+                deq = nn.Parameter(t.dequantize().to(p.weight.dtype).t(), requires_grad=p.weight.requires_grad)
+                setattr(owner, leaf, deq)
+                tied.append(f"{name} (dequantized copy, in x out)")
+                extra += X.nbytes(deq)
+            elif isinstance(owner, nn.Linear) or (isinstance(owner, nn.Embedding) and p.target in X.EMBEDDING_OK):
                 setattr(owner, leaf, q)
                 if name != p.name:
                     tied.append(f"{name} (shared)")
@@ -152,4 +190,10 @@ def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn
                                   X.nbytes(p.weight), X.nbytes(t) + extra, tied))
     device = str(plans[0].weight.device) if plans else "cpu"
     object.__setattr__(orig, _REPORT, ConvertReport(layers, device))
+    if info.capture == "dynamo":  # the kept model: plain nn.Linear again, no smoother state
+        from .module_capture import release
+
+        release(orig)
+    else:  # the prepared graph shares the now-frozen weights: refuse it (issue 12, item 7)
+        prepared.register_forward_pre_hook(_refuse_after_convert)
     return orig
