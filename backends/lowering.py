@@ -20,6 +20,7 @@ the functional ops too and `torch.compile` still compiles them (with a warning).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -93,23 +94,34 @@ def mode() -> str:
     return _STATE["mode"]
 
 
-def _exact_division() -> None:
-    """Make Triton fp32 division IEEE round-to-nearest (`div_rn`), as eager CUDA is.
-
-    Triton's `/` is an approximate reciprocal; w / s off by one ulp flips RTN ties and SR
-    decisions, so compiled would not equal eager bit for bit. This is Inductor's own switch
-    (TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING=1); it is global to the process.
-    """
+def _division_key() -> str | None:
     from torch._inductor import config as C
 
     if hasattr(C, "eager_numerics") and hasattr(C.eager_numerics, "division_rounding"):
-        C.eager_numerics.division_rounding = True
-    elif hasattr(C, "emulate_divison_rounding"):  # older spelling (torch <= 2.11)
-        C.emulate_divison_rounding = True
-    else:
+        return "eager_numerics.division_rounding"
+    if hasattr(C, "emulate_divison_rounding"):  # older spelling (torch <= 2.11)
+        return "emulate_divison_rounding"
+    return None
+
+
+def exact_division() -> contextlib.AbstractContextManager:
+    """Context: Inductor compiles fp32 division as IEEE round-to-nearest (`div_rn`), as eager is.
+
+    Triton's `/` is an approximate reciprocal; w / s off by one ulp can flip an RTN tie or an SR
+    decision, so compiled CUDA quantization may differ from eager by one grid step on a few
+    elements. Compile (i.e. make the first call of the compiled model) inside this context when
+    you need eager == compiled bit for bit; the switch is Inductor's own and affects only what is
+    compiled inside the context (opt-in: importing lotion_fx changes no global setting).
+    """
+    from torch._inductor import config as C
+
+    key = _division_key()
+    if key is None:
         warnings.warn("lotion_fx: Inductor has no division-rounding switch; compiled CUDA "
                       "quantization may differ from eager by one grid step at rounding ties",
-                      stacklevel=3)
+                      stacklevel=2)
+        return contextlib.nullcontext()
+    return C.patch({key: True})
 
 
 def register() -> str:
@@ -132,7 +144,6 @@ def register() -> str:
             if op not in D.decompositions:
                 D.register_decomposition(op)(fn)
         _STATE["mode"] = "inductor-decomp"
-        _exact_division()
     else:
         missing = [k for k, ok in apis.items() if not ok]
         warnings.warn(

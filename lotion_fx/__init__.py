@@ -5,7 +5,7 @@
 """
 
 from . import ops  # noqa: F401  (registers torch.ops.lotion_fx before anything is traced)
-from .backends.lowering import register as _register_lowering  # fused Inductor code for the ops
+from .backends.lowering import exact_division, register as _register_lowering  # fused Inductor code for the ops
 from .api import (
     PreparedInfo,
     attach_optimizer,
@@ -27,6 +27,7 @@ from .smoother import LotionSmoother
 from .hf_state import load_smoother_state  # reload a capture="dynamo" model's state (issue 13)
 from .module_capture import release  # undo capture="dynamo" (issue 13)
 from . import distributed  # noqa: F401  DDP / FSDP2 wrapping under torchrun (issue 7)
+from . import hf_trainer  # noqa: F401  hf_trainer.LotionTrainer: transformers imported on first access
 
 _register_lowering()
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "PreparedInfo",
     "attach_optimizer",
     "curvature_step",
+    "exact_division",
     "sampled_target_loss",
     "ConvertReport", "conversion_report", "convert",  # export (issue 4)
     "fake_quantize",

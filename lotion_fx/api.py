@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -223,7 +222,7 @@ def attach_optimizer(prepared: nn.Module, optimizer: torch.optim.Optimizer) -> N
                 f"parameter {name!r} is an (in, out) weight (e.g. GPT-2 Conv1D), whose optimizer state "
                 "is transposed to the smoother's view; use LotionConfig(curvature='gn_sampled')"
             )
-        sm._optimizer = weakref.ref(optimizer)
+        sm.attach_optimizer(optimizer)
 
 
 def penalty(prepared: nn.Module, per_layer: bool = False) -> Tensor | dict[str, Tensor]:
@@ -247,7 +246,7 @@ def quantized_eval(prepared: nn.Module) -> Iterator[nn.Module]:
                 p = smoothed_weight(prepared, name)
                 saved[name] = p.detach().clone()
                 p.copy_(R.fake_quantize(p, sm.fmt, sm.block))
-                sm.passthrough = True
+                sm.use_rounded_weights(True)
         prepared.eval()
         yield prepared
     finally:
@@ -255,5 +254,5 @@ def quantized_eval(prepared: nn.Module) -> Iterator[nn.Module]:
             for name, w in saved.items():
                 smoothed_weight(prepared, name).copy_(w)
         for sm in smooth.values():
-            sm.passthrough = False
+            sm.use_rounded_weights(False)
         prepared.train(was_training)

@@ -186,7 +186,7 @@ def wrap(prepared: nn.Module, mode: str = "ddp") -> nn.Module:
             stacklevel=2,
         )
     for sm in ema.values():
-        sm.after_reduction = True
+        sm.defer_to_after_reduction()
     by_param = {id(inner.get_parameter(n)): sm for n, sm in ema.items()}
     state = _SyncState(by_param, cfg.grad_accum_steps)
     device = next(inner.parameters()).device
@@ -220,8 +220,7 @@ def _wrap_fsdp(prepared: nn.Module, inner: nn.Module, ema: dict[str, LotionSmoot
         if local.shape != p.to_local().shape:
             raise AssertionError(f"{name}: g shard {tuple(local.shape)} != parameter shard "
                                  f"{tuple(p.to_local().shape)}")
-        sm._buffers["g"] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
-                                              shape=full.shape, stride=full.stride())
+        sm.shard_curvature(local, mesh, [Shard(0)], full.shape, full.stride())
         p.register_post_accumulate_grad_hook(_fsdp_hook(state, sm))
     if state.k > 1:
         inner.register_forward_pre_hook(state.count_forward)

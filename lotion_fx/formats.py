@@ -33,9 +33,6 @@ class Format:
     def qmax(self) -> float:
         return self.magnitudes[-1]
 
-    @property
-    def uniform(self) -> bool:
-        return len(self.steps) == 1
 
 
 def _int_format(name: str, qmax: int, default_block: int | str, bits: int) -> Format:

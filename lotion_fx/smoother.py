@@ -135,6 +135,28 @@ class LotionSmoother(nn.Module):
         g, count, beta, _ = curv
         return g.float() * R.curvature_factor(count, beta, self.config.curvature_scale).to(g.device)
 
+    # ------------------------------------------------------------------ modes (set by their owners' calls)
+    def use_rounded_weights(self, on: bool) -> None:
+        """quantized_eval: the weight already holds RTN(w), so the node is the identity."""
+        self.passthrough = on
+
+    def defer_to_after_reduction(self) -> None:
+        """distributed.wrap: the penalty and the `ema` update run on the all-reduced gradient
+        (a DDP comm hook / FSDP2 post-accumulate hook), so the node is the identity."""
+        self.after_reduction = True
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """curvature='adam': read this optimizer's exp_avg_sq (held weakly)."""
+        self._optimizer = weakref.ref(optimizer)
+
+    def shard_curvature(self, local: Tensor, mesh: Any, placements: list, shape: torch.Size,
+                        stride: tuple[int, ...]) -> None:
+        """FSDP2: hold g as the DTensor shard that matches the sharded weight."""
+        from torch.distributed.tensor import DTensor
+
+        self._buffers["g"] = DTensor.from_local(local, mesh, placements, run_check=False,
+                                                shape=shape, stride=stride)
+
     @torch.no_grad()
     def advance(self) -> None:
         """One optimizer step passed: move lam along its warm-up schedule."""

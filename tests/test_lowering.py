@@ -74,6 +74,19 @@ def test_private_apis_pinned() -> None:
     )
 
 
+def test_import_changes_no_global_inductor_setting() -> None:
+    """Importing lotion_fx must not change how unrelated models compile; exact_division is opt-in."""
+    from torch._inductor import config as C
+
+    key = lowering._division_key()
+    assert key is not None
+    get = lambda: C.eager_numerics.division_rounding if "." in key else getattr(C, key)  # noqa: E731
+    assert get() is False
+    with lowering.exact_division():
+        assert get() is True
+    assert get() is False
+
+
 def test_compiled_equals_eager_fused_no_recompile() -> None:
     eager = AllMethodsFormats()
     comp = copy.deepcopy(eager)
