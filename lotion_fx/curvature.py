@@ -131,7 +131,7 @@ def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, i
         with torch.enable_grad():
             out = _forward_module(model)(*inputs, **kwargs)
             pred = output_fn(out) if output_fn is not None else _logits(out)
-            gen = torch.Generator(device=pred.device).manual_seed(R.mix_seed(seed, step))
+            gen = torch.Generator(device=pred.device).manual_seed(R.mix_seed(R.mix_seed(seed, step), _rank()))
             target_loss = sampled_target_loss(pred, loss, gen) * math.sqrt(loss_scale)
             grads = torch.autograd.grad(target_loss, params, allow_unused=True)
     finally:
@@ -142,6 +142,12 @@ def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, i
     for name, s in zip(names, sq):
         if s is not None:  # in the smoother's (out, in) view of the weight
             smooth[name].fold_sampled(smoothed_weight(prepared, name, s))
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _all_reduce_mean(tensors: list[Tensor]) -> None:

@@ -19,6 +19,12 @@ from .config import LotionConfig
 G_DTYPE = {"gn_sampled": torch.bfloat16, "ema": torch.float32}
 
 
+def _data_parallel() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class LotionSmoother(nn.Module):
     """Routes one Linear weight through the quantize/smoothing op chosen by `config.method`.
 
@@ -194,6 +200,13 @@ class LotionSmoother(nn.Module):
         if curv is None:
             return w
         g, count, beta, update = curv
+        if update and _data_parallel():
+            raise RuntimeError(
+                f"{self.param_name}: curvature='ema' folds each rank's *local* gradient into g, so plain "
+                "DistributedDataParallel / fully_shard would train differently from one process. Wrap "
+                "with lotion_fx.distributed.wrap(prepared) (it applies the update after the gradient "
+                "reduction), or use the default curvature='gn_sampled' (its estimate is averaged over ranks)"
+            )
         return torch.ops.lotion_fx.lotion_smooth(
             w, g, count, self.lam_now, self.fmt, self.block, beta, c.curvature_scale,
             c.grad_accum_steps, update,

@@ -12,6 +12,7 @@ import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -97,7 +98,32 @@ def run_cases(rank: int, device: torch.device) -> dict:
         _train(train_model, x[half], y[half], kw.get("grad_accum_steps", 1), "sync-all" not in name)
         results[name] = D.full_state_dict(model)
         assert (results[name] == {}) == (rank != 0)
+    results.update(_plain_ddp(rank, device, x[half], y[half]))
     return results
+
+
+def _plain_ddp(rank: int, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """A user's DistributedDataParallel(prepare(model)) without lotion_fx.distributed.wrap."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    cfg = lotion_fx.LotionConfig(block_size=16, curvature_every=1, lam_warmup=0, seed=3)
+    prepared = lotion_fx.prepare(Net(), cfg).to(device)
+    model = DDP(prepared, broadcast_buffers=False)  # (with the default True, rank 0's g would win)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(STEPS):
+        lotion_fx.curvature_step(model, x, loss="mse")
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    states = [None, None]
+    dist.all_gather_object(states, {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()})
+    try:  # curvature='ema' under plain DDP would fold each rank's local gradient: refused
+        DDP(_fresh(dict(method="lotion", block_size=16)).to(device))(x).sum().backward()
+        ema_error = None
+    except RuntimeError as e:
+        ema_error = str(e)
+    return {"plain-ddp-gn_sampled": states, "plain-ddp-ema-error": ema_error}
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -160,6 +186,22 @@ def distributed_results(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_processes_match_one(distributed_results: dict, name: str) -> None:
     check_case(name, distributed_results[name])
+
+
+def test_plain_ddp_default_curvature_is_identical_on_every_rank(distributed_results: dict) -> None:
+    """gn_sampled under a plain DDP wrapper: each rank samples its own targets on its own half,
+    curvature_step averages the squared gradients over ranks, so g (and the penalty, and so the
+    weights) stay identical everywhere, as in one process."""
+    a, b = distributed_results["plain-ddp-gn_sampled"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert int(a["lotion.fc1_weight.count"]) == STEPS and float(a["lotion.fc2_weight.g"].float().sum()) > 0
+
+
+def test_plain_ddp_with_ema_curvature_is_refused(distributed_results: dict) -> None:
+    err = distributed_results["plain-ddp-ema-error"]
+    assert err is not None and "lotion_fx.distributed.wrap" in err
 
 
 @pytest.mark.parametrize("fmt, block", [("nvfp4", 16), ("int4", 16), ("int8", "row"), ("mxfp4", 32), ("int4", "tensor")])
