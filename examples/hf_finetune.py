@@ -1,16 +1,21 @@
 """Fine-tune a Hugging Face model with transformers.Trainer for INT4 deployment, LOTION vs QAT vs PTQ.
 
 A small random-init Llama (no download) learns byte-level text (the Python stdlib sources, see
-examples/data.py). The only lotion_fx lines a practitioner adds to a Trainer script are
-`lotion_fx.prepare(model, config, capture="dynamo")` before the Trainer, and
-`lotion_fx.quantized_eval` / `lotion_fx.convert` after it. The model stays a LlamaForCausalLM.
+examples/data.py). What a practitioner changes in a Trainer script: `lotion_fx.prepare(model, config,
+capture="dynamo")` before the Trainer, `lotion_fx.hf_trainer.LotionTrainer` in place of
+`transformers.Trainer` (it calls `lotion_fx.curvature_step` once per optimizer step, which the default
+curvature needs: with a plain Trainer LOTION gets no curvature and acts as PTQ; for ptq / qat it is a
+plain Trainer), and `lotion_fx.quantized_eval` / `lotion_fx.convert` after it. The model stays a
+LlamaForCausalLM. Every method runs with the library's defaults (LotionConfig(method=..., format=...)).
 
     python examples/hf_finetune.py                 # 300 steps per method, a few minutes on CPU
+                                                   # (lotion's lam ramps over 500 steps: 0.6 at the end)
     python examples/hf_finetune.py --steps 6       # CI smoke size
 
-Writes to --out: `lotion-trained/` (save_pretrained of the prepared model: weights + smoother state;
-reload with from_pretrained, prepare, lotion_fx.load_smoother_state) and `lotion-int4/` (the converted
-model: config.json + model.pt, a state_dict of torchao tensors; reload with
+Writes to --out, for the method with the best quantized validation loss: `<method>-trained/`
+(save_pretrained of the prepared model: weights + smoother state; reload with from_pretrained, prepare,
+lotion_fx.load_smoother_state) and `<method>-int4/` (the converted model: config.json + model.pt, a
+state_dict of LotionPackedTensor weights; after `import lotion_fx`, reload with
 `LlamaForCausalLM(LlamaConfig.from_pretrained(d)).load_state_dict(torch.load(d / "model.pt"), assign=True)`).
 """
 
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python examp
 import transformers  # noqa: E402
 
 import lotion_fx  # noqa: E402
+from lotion_fx.hf_trainer import LotionTrainer  # noqa: E402
 from examples.data import Corpus, val_windows  # noqa: E402
 
 METHODS = ("ptq", "qat", "lotion")
@@ -67,8 +73,7 @@ def val_loss(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def finetune(method: str, args: argparse.Namespace, train: Windows, val: torch.Tensor) -> tuple[dict, torch.nn.Module]:
     """Train one method with Trainer; returns its record and the trained (prepared) model."""
-    config = lotion_fx.LotionConfig(method=method, format=args.format, block_size=args.block_size,
-                                    curvature_scale=args.curvature_scale)
+    config = lotion_fx.LotionConfig(method=method, format=args.format, block_size=args.block_size)
     model = lotion_fx.prepare(build_model(args), config, capture="dynamo")  # still a LlamaForCausalLM
     cuda = torch.cuda.is_available()
     targs = transformers.TrainingArguments(
@@ -78,13 +83,16 @@ def finetune(method: str, args: argparse.Namespace, train: Windows, val: torch.T
         save_strategy="no", report_to=[], seed=args.seed, use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(), torch_compile=args.compile,
     )
-    trainer = transformers.Trainer(model=model, args=targs, train_dataset=train)
+    # LotionTrainer: transformers.Trainer + lotion_fx.curvature_step once per optimizer step
+    trainer = LotionTrainer(model=model, args=targs, train_dataset=train)
     print(f"--- {method}: {args.steps} steps")
     result = trainer.train()
     fp = val_loss(model, val)
     with lotion_fx.quantized_eval(model) as qm:
         q = val_loss(qm, val)
-    rec = dict(method=method, train_loss=result.training_loss, val_fp=fp, val_quant=q)
+    smooth = lotion_fx.smoothers(model)
+    refreshes = max((int(sm.count) for sm in smooth.values() if hasattr(sm, "count")), default=0)
+    rec = dict(method=method, train_loss=result.training_loss, val_fp=fp, val_quant=q, g_refreshes=refreshes)
     return rec, model
 
 
@@ -97,8 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--format", default="int4", choices=sorted(lotion_fx.FORMATS))
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--curvature-scale", type=float, default=1.0)
+    p.add_argument("--block-size", type=int, default=None, help="default: the format's (int4: 32)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--max-bytes", type=int, default=2_000_000)
     p.add_argument("--eval-windows", type=int, default=64)
@@ -120,16 +127,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rec, models[method] = finetune(method, args, train, val)
         records.append(rec)
     rows = [[r["method"], f"{r['train_loss']:.4f}", f"{r['val_fp']:.4f}", f"{r['val_quant']:.4f}",
-             f"{r['val_quant'] - r['val_fp']:+.4f}"] for r in records]
-    print(f"\nvalidation loss (nats/byte), {args.format} block {args.block_size}, {args.steps} steps:")
-    print(tabulate(rows, headers=["method", "train", "full precision", args.format, "quant. gap"], tablefmt="github"))
+             f"{r['val_quant'] - r['val_fp']:+.4f}", r["g_refreshes"]] for r in records]
+    block = args.block_size or "default"
+    print(f"\nvalidation loss (nats/byte), {args.format} block {block}, {args.steps} steps, library defaults:")
+    print(tabulate(rows, headers=["method", "train", "full precision", args.format, "quant. gap", "g refreshes"],
+                   tablefmt="github"))
 
     best = min(records, key=lambda r: r["val_quant"])["method"]
     model = models[best]
     out = Path(args.out)
     model.save_pretrained(out / f"{best}-trained")  # weights + smoother state, original keys kept
 
-    deployed = lotion_fx.release(lotion_fx.convert(model)).eval()  # torchao weights, plain nn.Linear again
+    deployed = lotion_fx.convert(model).eval()  # packed weights, plain nn.Linear again (convert releases it)
     print(f"\nconverted the {best} model:\n{lotion_fx.conversion_report(deployed)}")
     prompt = torch.tensor([list(b"def ")], device=deployed.device)
     tokens = deployed.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)

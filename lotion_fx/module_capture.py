@@ -117,9 +117,10 @@ def rewrite_modules(
 def release(model: nn.Module) -> nn.Module:
     """Undo capture='dynamo' in place: plain nn.Linear layers again, smoothers and their state dropped.
 
-    Use it after `lotion_fx.convert` (the converted model then holds no training state and saves
-    with exactly the original keys), or to prepare the same model again with another config.
-    The weights are kept as they are (full precision, or torchao tensors after convert).
+    Use it to prepare the same model again with another config. `lotion_fx.convert` calls it itself
+    (the converted model holds no training state and saves with exactly the original keys); calling
+    it again, on a released or never-prepared model, changes nothing. The weights are kept as they
+    are (full precision, or torchao tensors after convert).
     """
     from .api import _INFO  # api imports this module
 
