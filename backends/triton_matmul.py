@@ -12,9 +12,9 @@ Storage (one layout per format; `pack` builds it from `reference.quantize`'s cod
 
 Dequantization is `(code_f32 * scale_f32).to(dtype)` with nvfp4's scale `e4m3_f32 * tensor_scale`:
 the same float operations as `reference.fake_quantize`, so the weight the kernels multiply by is
-bit-exact to what `quantized_eval` uses. The kernels dequantize a (BLOCK_N, BLOCK_K) tile in
-registers and feed `tl.dot` (fp32 accumulation): a split-K GEMV for M <= 16 (decode) whose fp32
-partials are summed by torch (Inductor fuses that sum into the next op), and a tiled GEMM above.
+bit-exact to what `quantized_eval` uses. M <= 4: a GEMV with fp32 multiply + tl.sum (one scale load per
+(row, group), even/odd columns decoded separately); 4 < M <= 16: split-K tl.dot; M > 16: dequantize
+to x's dtype in one pass, then F.linear (cuBLAS). Measured in docs/deploy_kernels.md.
 `weight_only_linear` is a `torch.library.triton_op`, so torch.compile (and CUDA graphs) trace it
 without a graph break; `linear_reference` is the plain-torch path (CPU) and the tests' reference.
 """
@@ -260,7 +260,9 @@ def _dequant_kernel(q_ptr, s_ptr, ts_ptr, w_ptr, N, K, stride_qn, stride_sn, gro
 N_SM = 132  # H100 SXM; the heuristics only need its order of magnitude
 GEMV_MAX_M = 16  # M <= this: split-K GEMV (tl.sum for M <= 4, tl.dot above); larger: tiled GEMM
 SUM_MAX_M = 4
-DEQUANT_MIN_M = 128  # M >= this (prefill): dequantize to x's dtype, then cuBLAS
+# M >= this (prefill): dequantize to x's dtype, then cuBLAS: on an H100 at M = 512 that is 1.3-1.7x bf16's
+# F.linear while the tiled tl.dot kernel (kept for 4 < M <= 16, and tested) was 10-20x.
+DEQUANT_MIN_M = GEMV_MAX_M + 1
 # (BLOCK_N, BLOCK_K, num_warps, split_k) for every GEMV launch, for sweeps (benchmarks/bench_wo_linear.py)
 GEMV_OVERRIDE: tuple[int, int, int, int] | None = None
 GEMM_OVERRIDE: tuple[int, int, int, int, int] | None = None  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
@@ -275,18 +277,16 @@ def _scale_group(block_k: int, group: int, nblocks: int) -> int:
 
 
 def _gemv_config(m: int, n: int, k: int, fmt: str) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, split_k) for M <= SUM_MAX_M."""
+    """(BLOCK_N, BLOCK_K, num_warps, split_k) for M <= SUM_MAX_M. Measured on an H100 (bench_wo_linear.py
+    --sweep, 2048 x 2048): few rows and long K tiles (512 bytes of each row per iteration) win, and no
+    split K: the partial sum is one more kernel, dearer than the idle SMs it would fill."""
     if GEMV_OVERRIDE is not None:
         return GEMV_OVERRIDE
     if INTERPRET:
         return 8, 32, 4, 2 if k >= 64 else 1
-    bk = 256 if fmt == "int8" else 512  # 256 bytes of each row per iteration
-    bn = 8 if n <= 1024 else 16
-    bk = min(bk, max(32, triton.next_power_of_2(k)))
-    tiles = triton.cdiv(n, bn)
-    iters = triton.cdiv(k, bk)
-    split = max(1, min(triton.cdiv(2 * N_SM, tiles), iters, 8))
-    return bn, bk, 4, split
+    bk = min(512 if fmt == "int8" else 1024, max(32, triton.next_power_of_2(k)))
+    bn = 4 if n <= 1024 else 8
+    return bn, bk, 4, 1
 
 
 def _dot_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
@@ -295,8 +295,8 @@ def _dot_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
         return 16, 16, 32, 4, 1, 2 if m <= GEMV_MAX_M and k >= 64 else 1
     if GEMM_OVERRIDE is not None:
         bm, bn, bk, w, s = GEMM_OVERRIDE
-    elif m <= GEMV_MAX_M:
-        bm, bn, bk, w, s = 16, 32, 256, 4, 3
+    elif m <= GEMV_MAX_M:  # best of a small sweep at M = 8 on an H100
+        bm, bn, bk, w, s = 16, 64, 128, 4, 3
     else:
         bm, bn, bk, w, s = (64 if m <= 64 else 128), 128, 64, 8, 3
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)

@@ -107,7 +107,8 @@ class Llama(nn.Module):
 
 def build(variant: str, c: Cfg, batch: int, device: str) -> nn.Module:
     torch.manual_seed(0)
-    model = Llama(c, batch)
+    with torch.device(device):  # built and initialised on the GPU: seconds instead of a minute per variant
+        model = Llama(c, batch)
     for p in model.parameters():
         nn.init.normal_(p, std=0.02) if p.dim() == 2 else None
     model = model.to(device, torch.bfloat16).eval()
@@ -195,7 +196,8 @@ def main() -> None:
     prefill = min(args.prefill, c.max_len // 2)
     mode = args.mode if device == "cuda" else None
     bw = copy_bandwidth(device)
-    n_params = sum(p.numel() for p in Llama(c, 1).parameters())
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Llama(c, 1).parameters())
     title = (f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} | torch {torch.__version__} | "
              f"Llama-shaped {n_params / 1e9:.2f}B params (d={c.dim}, {c.layers} layers, vocab {c.vocab}), "
              f"bf16 activations, prefill {prefill}, static KV cache, torch.compile(mode={mode!r}) decode | "

@@ -1,7 +1,9 @@
-"""GPT-2-small training step (bf16 autocast): plain vs qat vs lotion, compiled and eager.
+"""GPT-2-small training step (bf16 autocast): plain vs qat vs lotion, compiled (and eager).
 
-Prints step time, peak memory and first-step (compile) time. Run on a GPU:
-python benchmarks/bench_train_step.py [--batch 8] [--steps 10]
+Prints the mean step time over windows of 20 steps (so lotion's sampled-target curvature pass,
+every `curvature_every` = 10 steps, is counted at its real rate), the spread over windows, peak
+memory, curvature-state bytes per smoothed weight and first-step (compile) time. Run on a GPU:
+python benchmarks/bench_train_step.py [--batch 8] [--windows 5] [--eager]
 """
 from __future__ import annotations
 
@@ -19,26 +21,42 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lotion_fx  # noqa: E402
 from examples.gpt import GPT, GPTConfig  # noqa: E402
 
-CASES = [("plain", None), ("qat", "int4"), ("lotion", "int4"), ("qat", "nvfp4"), ("lotion", "nvfp4")]
+# (method, format, curvature): curvature None = the library default (gn_sampled)
+CASES = [("plain", None, None), ("qat", "int4", None), ("lotion", "int4", None), ("lotion", "int4", "ema"),
+         ("qat", "nvfp4", None), ("lotion", "nvfp4", None)]
+WINDOW = 20
 
 
-def build(method: str, fmt: str | None, cfg: GPTConfig) -> torch.nn.Module:
+def build(method: str, fmt: str | None, curvature: str | None, cfg: GPTConfig) -> torch.nn.Module:
     torch.manual_seed(0)
     model = GPT(cfg).cuda()
     if method == "plain":
         return model
-    return lotion_fx.prepare(model, lotion_fx.LotionConfig(method=method, format=fmt))
+    extra = {"curvature": curvature} if curvature else {}
+    return lotion_fx.prepare(model, lotion_fx.LotionConfig(method=method, format=fmt, **extra))
 
 
-def run(method: str, fmt: str | None, compiled: bool, args, cfg: GPTConfig) -> tuple[float, float, float]:
-    """(first-step seconds, median step ms, peak GiB)."""
-    model = build(method, fmt, cfg)
+def state_bytes_per_weight(model: torch.nn.Module) -> float:
+    """Curvature state (g) bytes per smoothed weight element (0 for qat/plain)."""
+    if not lotion_fx.is_prepared(model):
+        return 0.0
+    sm = lotion_fx.smoothers(model)
+    n = sum(model.get_parameter(k).numel() for k in sm)
+    b = sum(s.g.numel() * s.g.element_size() for s in sm.values() if hasattr(s, "g"))
+    return b / n
+
+
+def run(method: str, fmt: str | None, curvature: str | None, compiled: bool, args, cfg: GPTConfig):
+    """(first-step seconds, [mean ms/step per window], peak GiB, state bytes per weight)."""
+    model = build(method, fmt, curvature, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fn = torch.compile(model) if compiled else model
     idx = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), device="cuda")
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
+            if method == "lotion":
+                lotion_fx.curvature_step(fn, idx)
             logits = fn(idx)
             loss = F.cross_entropy(logits.float().flatten(0, 1), idx.flatten())
         loss.backward()
@@ -50,48 +68,60 @@ def run(method: str, fmt: str | None, compiled: bool, args, cfg: GPTConfig) -> t
     step()
     torch.cuda.synchronize()
     first = time.perf_counter() - t
-    for _ in range(2):
+    for _ in range(WINDOW - 1):  # the curvature pass's first run included
         step()
-    times = []
-    for _ in range(args.steps):
+    windows = []
+    for _ in range(args.windows):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        step()
+        for _ in range(WINDOW):
+            step()
         e.record()
         torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
+        windows.append(s.elapsed_time(e) / WINDOW)
     peak = torch.cuda.max_memory_allocated() / 2**30
+    sb = state_bytes_per_weight(model)
     del model, opt, fn
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
-    return first, sorted(times)[len(times) // 2], peak
+    return first, windows, peak, sb
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--windows", type=int, default=5, help=f"timed windows of {WINDOW} steps")
+    ap.add_argument("--eager", action="store_true", help="also time eager mode")
+    ap.add_argument("--cases", default=None, help="comma list of method-format[-curvature], e.g. plain,lotion-int4")
     args = ap.parse_args()
     cfg = GPTConfig.preset("gpt2")
+    cases = CASES
+    if args.cases:
+        names = {"-".join(x for x in c if x): c for c in CASES}
+        cases = [names[n] for n in args.cases.split(",")]
     res = {}
-    for method, fmt in CASES:
-        for compiled in (True, False) if not args.no_eager else (True,):
-            res[(method, fmt, compiled)] = run(method, fmt, compiled, args, cfg)
-            print(method, fmt, "compiled" if compiled else "eager", res[(method, fmt, compiled)], flush=True)
-    plain = res[("plain", None, True)][1]
+    for case in cases:
+        for compiled in (True, False) if args.eager else (True,):
+            res[(*case, compiled)] = run(*case, compiled, args, cfg)
+            print(*case, "compiled" if compiled else "eager", res[(*case, compiled)], flush=True)
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    plain = med(res[("plain", None, None, True)][1])
     rows, crow = [], []
-    for method, fmt in CASES:
-        first, ms, peak = res[(method, fmt, True)]
-        eager = res.get((method, fmt, False))
-        rows.append([method, fmt or "-", f"{ms:.1f}", f"{ms / plain:.3f}x", f"{peak:.2f}",
-                     f"{eager[1]:.1f}" if eager else "-", f"{eager[1] / ms:.2f}x" if eager else "-"])
-        crow.append([method, fmt or "-", f"{first:.1f}", f"{first / res[('plain', None, True)][0]:.2f}x"])
+    for case in cases:
+        first, win, peak, sb = res[(*case, True)]
+        eager = res.get((*case, False))
+        ms = med(win)
+        name = case[0] + (f" ({case[2]})" if case[2] else (" (gn_sampled)" if case[0] == "lotion" else ""))
+        rows.append([name, case[1] or "-", f"{ms:.1f}", f"{min(win) / plain:.3f}-{max(win) / plain:.3f}",
+                     f"{ms / plain:.3f}x", f"{peak:.2f}", f"{sb:g}",
+                     f"{med(eager[1]):.1f}" if eager else "-"])
+        crow.append([name, case[1] or "-", f"{first:.1f}", f"{first / res[('plain', None, None, True)][0]:.2f}x"])
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | GPT-2 small "
-          f"({sum(p.numel() for p in GPT(cfg).parameters()) / 1e6:.0f}M), batch {args.batch}x{cfg.block_size}, bf16 autocast, AdamW")
-    print(tabulate(rows, headers=["method", "format", "compiled ms/step", "vs plain", "peak GiB",
-                                  "eager ms/step", "eager/compiled"]))
+          f"({sum(p.numel() for p in GPT(cfg).parameters()) / 1e6:.0f}M), batch {args.batch}x{cfg.block_size}, "
+          f"bf16 autocast, AdamW; ms/step = median over {args.windows} windows of {WINDOW} steps")
+    print(tabulate(rows, headers=["method", "format", "compiled ms/step", "range vs plain (windows)", "vs plain",
+                                  "peak GiB", "state B/weight", "eager ms/step"]))
     print()
     print(tabulate(crow, headers=["method", "format", "first step (compile) s", "vs plain"]))
 

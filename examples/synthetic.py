@@ -10,7 +10,8 @@ exactly (noise-free targets, inputs that span the covariance), minus nothing: th
 0.5 * outputs * noise^2 and is printed under the table.
 
     python examples/synthetic.py                 # the default table (int4 and int8, 3 seeds)
-    python examples/synthetic.py --study         # the curvature study behind the default
+    python examples/synthetic.py --lr-sweep      # each method at each learning rate
+The curvature study behind the library's defaults is benchmarks/curvature_study.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import argparse
 import math
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from tabulate import tabulate
@@ -71,8 +72,7 @@ def make_problem(cfg: ProblemConfig, seed: int) -> Problem:
 def loss_fn(pred: Tensor, y: Tensor) -> Tensor:
     """Gaussian negative log-likelihood up to a constant: 0.5 * sum over outputs, mean over batch.
 
-    With this (proper NLL) loss the per-example squared gradient is an unbiased estimate of the
-    Gauss-Newton diagonal at the optimum, which is what `curvature_scale = batch` relies on.
+    It is outputs/2 times F.mse_loss, which is what `curvature_step(..., loss_scale=outputs / 2)` says.
     """
     return 0.5 * (pred - y).pow(2).sum(-1).mean()
 
@@ -104,12 +104,9 @@ class TrainConfig:
     batch: int = 64
     lr: float | None = None  # None: the method's tuned default (LR below)
     lam: float = 1.0
-    curvature: str = "ema"
-    # The library default. 4 looked better on seeds 0-2 but blew up on 3 of 5 held-out seeds
-    # (README.md); 1 beat qat on 4 of those 5.
+    curvature: str = "gn_sampled"  # the library default
     curvature_scale: float = 1.0
-    beta: float = 0.999
-    oracle: bool = False  # study only: overwrite g with the exact Gauss-Newton diagonal each step
+    beta: float | None = None  # None: the library's default for the curvature
 
 
 # Best int4 lr per method from `--lr-sweep` (Adam, cosine decay, same budget): README.md.
@@ -133,15 +130,12 @@ def train(problem: Problem, method: str, fmt: str, seed: int, tc: TrainConfig) -
     )
     if tc.curvature == "adam":
         lotion_fx.attach_optimizer(model, opt)
-    sm = lotion_fx.smoothers(model).get("lin.weight")
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(tc.steps):
         x, y = problem.sample(tc.batch, gen)
-        if tc.oracle and sm is not None:
-            with torch.no_grad():  # exact GN diagonal of loss_fn: Sigma_ii on every output row
-                sm.g.copy_(problem.sigma_diag.expand_as(sm.g) / scale)
-                sm.count.fill_(10**6)  # bias correction 1
+        # gn_sampled: a sampled-target backward every 10 steps; loss_fn is outputs/2 x F.mse_loss
+        lotion_fx.curvature_step(model, x, loss="mse", loss_scale=problem.cfg.outputs / 2)
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
@@ -198,61 +192,6 @@ def paired_wins(results: dict, methods: list[str], fmt: str, winner: str = "loti
 
 
 # --------------------------------------------------------------------------- study / sweep
-def curvature_study(seeds: list[int], steps: int) -> str:
-    """lotion int4 under each curvature source and scale, against qat and ptq on the same problems.
-
-    lam and curvature_scale only enter as their product, so the scale sweep is also the lam sweep.
-    """
-    base = TrainConfig(steps=steps)
-    b = float(base.batch)
-    variants = [
-        ("ptq", "ptq", base),
-        ("qat", "qat", base),
-        ("ema, scale 1 (batch-mean g^2, library default)", "lotion", replace(base, curvature_scale=1.0)),
-        ("ema, scale 2", "lotion", replace(base, curvature_scale=2.0)),
-        ("ema, scale 4", "lotion", replace(base, curvature_scale=4.0)),
-        ("ema, scale 4, beta 0.99", "lotion", replace(base, curvature_scale=4.0, beta=0.99)),
-        ("ema, scale 8", "lotion", replace(base, curvature_scale=8.0)),
-        (f"ema, scale {b:g} = batch (per-example g^2)", "lotion", replace(base, curvature_scale=b)),
-        ("adam, scale 1", "lotion", replace(base, curvature="adam", curvature_scale=1.0)),
-        (f"adam, scale {b:g} = batch", "lotion", replace(base, curvature="adam", curvature_scale=b)),
-        ("oracle: exact GN diagonal, lam 1", "lotion", replace(base, oracle=True)),
-        ("lotion_sampled", "lotion_sampled", base),
-    ]
-    problems = {s: make_problem(ProblemConfig(), s) for s in seeds}
-    rows = []
-    for name, method, tc in variants:
-        res = [train(problems[s], method, "int4", s, tc) for s in seeds]
-        rows.append([name, mean_std([r["fp"] for r in res]), mean_std([r["q"] for r in res]),
-                     " ".join(f"{r['q']:.2f}" for r in res)])
-    return tabulate(rows, headers=["int4, block 32", "fp loss", "quantized loss", "per seed"])
-
-
-def trace(scale: float, steps: int) -> str:
-    """One lotion int4 run (seed 0) at `curvature_scale`, logged every 60 steps: the blow-up trace."""
-    from lotion_fx import reference as R
-
-    problem, tc = make_problem(ProblemConfig(), 0), TrainConfig(curvature_scale=scale)
-    torch.manual_seed(0)
-    student = Student(problem.cfg.d, problem.cfg.outputs)
-    cfg = lotion_fx.LotionConfig(method="lotion", format="int4", curvature_scale=scale, beta=tc.beta)
-    model = lotion_fx.prepare(student, cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=LR["lotion"])
-    sm, gen, rows = lotion_fx.smoothers(model)["lin.weight"], torch.Generator().manual_seed(0), []
-    for t in range(steps):
-        x, y = problem.sample(tc.batch, gen)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        if t % 60 == 0:
-            w = student.lin.weight.detach()
-            g_hat = sm.g.mean() * scale / (1 - tc.beta ** max(1, int(sm.count)))
-            rows.append([t, loss.item(), float(w.abs().max()), float(R.block_scales(w, "int4", 32).mean()),
-                         float(g_hat), float(lotion_fx.penalty(model))])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return tabulate(rows, headers=["step", "batch loss", "max |w|", "mean block scale", "mean g_hat", "penalty"])
-
-
 def lr_sweep(methods: list[str], seeds: list[int], steps: int) -> str:
     rows = []
     problems = {s: make_problem(ProblemConfig(), s) for s in seeds}
@@ -271,10 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--formats", default="int4,int8")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--quick", action="store_true", help="2 seeds, 150 steps, int4 only (smoke run)")
-    p.add_argument("--study", action="store_true", help="the curvature study (int4) instead")
     p.add_argument("--lr-sweep", action="store_true", help="the per-method lr sweep (int4) instead")
-    p.add_argument("--trace-scale", type=float, default=None,
-                   help="log one lotion int4 run at this curvature_scale (the blow-up trace)")
     a = p.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: threads only add overhead
@@ -287,12 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             if m not in METHODS:
                 p.error(f"unknown method {m!r}: choose from {','.join(METHODS)}")
         t0 = time.perf_counter()
-        if a.study:
-            print(curvature_study(seeds, steps))
-        elif a.trace_scale is not None:
-            print(trace(a.trace_scale, steps))
-            seeds = [0]
-        elif a.lr_sweep:
+        if a.lr_sweep:
             print(lr_sweep(methods, seeds, steps))
         else:
             res = run_grid(methods, formats, seeds, TrainConfig(steps=steps))

@@ -43,8 +43,10 @@ class RunConfig:
     lr: float = 3e-3
     warmup: int = 0  # 0: 5% of steps
     weight_decay: float = 0.1
-    lam: float = 1.0
-    curvature_scale: float | None = None  # None: sequences per optimizer step (README.md)
+    lam: float | None = None  # None: LotionConfig's defaults for lam, its warm-up and the curvature
+    lam_warmup: int | None = None
+    curvature: str | None = None
+    curvature_scale: float | None = None
     device: str = "cpu"
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
@@ -113,12 +115,13 @@ def train(rc: RunConfig) -> dict:
     model = GPT(gcfg).to(device)
     n_params = model.num_params()
     tokens_per_step = rc.batch * rc.seq * world
-    cscale = float(rc.batch * world) if rc.curvature_scale is None else rc.curvature_scale
     qmethod = "ptq" if rc.method == "none" else rc.method
+    overrides = {k: v for k, v in (("lam", rc.lam), ("lam_warmup", rc.lam_warmup), ("curvature", rc.curvature),
+                                   ("curvature_scale", rc.curvature_scale)) if v is not None}
     lcfg = lotion_fx.LotionConfig(
-        method=qmethod, format=rc.format, block_size=rc.block_size, lam=rc.lam,
-        curvature_scale=cscale, seed=rc.seed,
+        method=qmethod, format=rc.format, block_size=rc.block_size, seed=rc.seed, **overrides
     )
+    cscale = lcfg.curvature_scale
     prepared = lotion_fx.prepare(model, lcfg)
     say(
         f"model {rc.size}: {n_params / 1e6:.1f}M params | corpus {corpus.source} "
@@ -148,6 +151,7 @@ def train(rc: RunConfig) -> dict:
         x, y = batches.next()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, rc.dtype):
+            lotion_fx.curvature_step(net, x)  # gn_sampled: sampled-target backward every k steps
             logits = net(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
@@ -255,8 +259,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--batch", type=int, default=d.batch, help="sequences per step per rank")
     p.add_argument("--seq", type=int, default=d.seq, help="tokens (bytes) per sequence")
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lam", type=float, default=d.lam)
-    p.add_argument("--curvature-scale", type=float, default=None, help="default: sequences per optimizer step (global batch)")
+    p.add_argument("--lam", type=float, default=None, help="default: LotionConfig's")
+    p.add_argument("--lam-warmup", type=int, default=None, help="steps of linear lam warm-up (default: LotionConfig's)")
+    p.add_argument("--curvature", default=None, choices=list(lotion_fx.config.CURVATURES))
+    p.add_argument("--curvature-scale", type=float, default=None, help="default: LotionConfig's (1)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "bf16", "fp32"])
     p.add_argument("--compile", action="store_true")

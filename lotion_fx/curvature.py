@@ -108,14 +108,15 @@ def curvature_step(
     if cfg.method != "lotion" or not smooth:
         return False
     first = next(iter(smooth.values()))
-    refresh = cfg.curvature == "gn_sampled" and int(first.steps) % cfg.curvature_every == 0
+    step = first.steps_taken()
+    refresh = cfg.curvature == "gn_sampled" and step % cfg.curvature_every == 0
     if refresh:
         if not (inputs or kwargs):
             raise ValueError(
                 "curvature='gn_sampled' needs the step's inputs: lotion_fx.curvature_step(model, x) "
                 "(the same arguments as model(x))"
             )
-        _refresh(model, prepared, smooth, cfg.seed, int(first.steps), loss, loss_scale, output_fn,
+        _refresh(model, prepared, smooth, cfg.seed, step, loss, loss_scale, output_fn,
                  inputs, kwargs)
     for sm in smooth.values():
         sm.advance()

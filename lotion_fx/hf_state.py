@@ -76,4 +76,7 @@ def load_smoother_state(model: nn.Module, directory: str | Path) -> list[str]:
     with torch.no_grad():
         for key, buf in wanted.items():
             buf.copy_(found[key])
+    for m in model.modules():
+        if isinstance(m, LotionSmoother):
+            m.buffers_replaced()
     return sorted(wanted)

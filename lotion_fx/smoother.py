@@ -48,6 +48,7 @@ class LotionSmoother(nn.Module):
         # gradient reduction (on the all-reduced gradient), so the node is the identity.
         self.after_reduction = False
         self._optimizer: weakref.ref | None = None
+        self._host_steps: int | None = None  # see steps_taken()
         dev = weight.device
         # the config travels in the state dict (as JSON bytes: torch.save and safetensors alike), so a
         # checkpoint is never loaded into a model prepared differently
@@ -98,6 +99,7 @@ class LotionSmoother(nn.Module):
                     f"{diff}; prepare the model with the checkpoint's LotionConfig to resume, or load "
                     "only the original model's keys (lotion_fx.original(prepared).load_state_dict)"
                 )
+        self._host_steps = None  # the loaded `steps` buffer is the truth again
         for name in ("g", "lam_now"):
             t = state_dict.get(prefix + name)
             if isinstance(t, Tensor) and t.device.type != "meta" and not torch.isfinite(t).all():
@@ -163,16 +165,29 @@ class LotionSmoother(nn.Module):
         self._buffers["g"] = DTensor.from_local(local, mesh, placements, run_check=False,
                                                 shape=shape, stride=stride)
 
+    def steps_taken(self) -> int:
+        """Optimizer steps seen by curvature_step. Mirrored on the host (read from the buffer once,
+        and again after a load), so that a training step never waits for the GPU."""
+        if self._host_steps is None:
+            self._host_steps = int(self.steps)
+        return self._host_steps
+
+    def buffers_replaced(self) -> None:
+        """Call after writing the buffers directly (not through load_state_dict)."""
+        self._host_steps = None
+
     @torch.no_grad()
     def advance(self) -> None:
         """One optimizer step passed: move lam along its warm-up schedule."""
+        n = self.steps_taken() + 1
+        self._host_steps = n
         self.steps.add_(1)
-        self.lam_now.fill_(self._lam_at(int(self.steps)))
+        self.lam_now.fill_(self._lam_at(n))
 
     @torch.no_grad()
     def set_penalty_enabled(self, enabled: bool) -> None:
         """Off for the sampled-target backward of curvature_step: its gradient must be the task's alone."""
-        self.lam_now.fill_(self._lam_at(int(self.steps)) if enabled else 0.0)
+        self.lam_now.fill_(self._lam_at(self.steps_taken()) if enabled else 0.0)
 
     @torch.no_grad()
     def fold_sampled(self, grad_sq: Tensor) -> None:

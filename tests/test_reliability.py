@@ -139,15 +139,17 @@ def test_gpt2_conv1d_weights_are_smoothed_along_their_input_dim():
     assert model.transformer.h[0].attn.c_attn.weight.grad is not None
 
 
-@pytest.mark.xfail(strict=True, reason="needs quantized_eval to quantize RewrittenWeight.as_out_in(p) (issue 12 report)")
 def test_gpt2_quantized_eval_quantizes_conv1d_along_the_input_dim():
     torch.manual_seed(0)
     model = _tiny_gpt2()
     ids = torch.randint(0, 64, (2, 12))
     prepared = lotion_fx.prepare(model, QAT, example_inputs=(ids,))
     w = model.transformer.h[0].mlp.c_fc.weight
+    ref = _rtn_in_out(w.detach())  # float64 math: equal up to the last fp32 bit
+    wrong_dim = lotion_fx.fake_quantize(w.detach(), "int4", 16)  # blocks along the output dim
     with lotion_fx.quantized_eval(prepared):
-        torch.testing.assert_close(w.detach(), _rtn_in_out(w.detach()), rtol=0, atol=0)
+        torch.testing.assert_close(w.detach(), ref, rtol=3e-7, atol=1e-9)
+        assert not torch.allclose(w.detach(), wrong_dim, rtol=1e-3, atol=1e-5)
 
 
 class HiddenLinear(nn.Module):

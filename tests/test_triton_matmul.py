@@ -75,7 +75,7 @@ def test_kernel_dequantization_is_bit_exact(fmt: str, block, k: int, dtype: torc
     t = _packed(w, fmt, block)
     cols = torch.randperm(k, generator=torch.Generator().manual_seed(m))[:m].to(w.device)
     x = F.one_hot(cols, k).to(dtype)
-    got = _run(x, t)  # M <= 16: split-K GEMV; M = 17: tiled GEMM
+    got = _run(x, t)  # M <= 4: tl.sum GEMV (split K here); M = 17: dequantize, then F.linear
     assert torch.equal(got, lotion_fx.fake_quantize(w, fmt, block)[:, cols].T)
 
 
@@ -102,12 +102,13 @@ def test_kernel_matches_float64_on_noncontiguous_3d(fmt: str, block, k: int, dty
 
 @interpret
 @pytest.mark.parametrize("fmt,block,k", [CASES[0], CASES[1], CASES[2], CASES[5], CASES[6]])
-@pytest.mark.parametrize("path", ["dot_gemv", "dequant"])
+@pytest.mark.parametrize("path", ["dot_gemv", "gemm"])
 def test_dot_gemv_and_dequant_paths(fmt: str, block, k: int, path: str, monkeypatch) -> None:
-    """M = 8 (tl.dot GEMV, split K) and the prefill path (dequantize, then F.linear), one-hot and float64."""
+    """M = 8 (tl.dot GEMV, split K) and the tiled tl.dot GEMM at M = 18 (by default M > 16 dequantizes,
+    then F.linear: the M = 17 cases above), one-hot and float64."""
     m = 8 if path == "dot_gemv" else 18
-    if path == "dequant":
-        monkeypatch.setattr(T, "DEQUANT_MIN_M", 18)
+    if path == "gemm":
+        monkeypatch.setattr(T, "DEQUANT_MIN_M", 1 << 30)
     w = _weight(N, k, torch.bfloat16, _dev(), seed=m)
     t = _packed(w, fmt, block)
     wq = lotion_fx.fake_quantize(w, fmt, block)

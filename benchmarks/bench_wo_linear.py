@@ -1,0 +1,174 @@
+"""Per-kernel times of lotion_fx::weight_only_linear at the decode / prefill shapes of bench_decode.py.
+
+Each timing replays a CUDA graph of calls over enough distinct weight copies (>= 96 MiB in all) that
+the weights come from HBM, not L2, as in a decode step. Columns: time per call, weight bytes read
+(codes + scales) per second, % of the measured copy bandwidth, speed-up vs bf16 F.linear at the same
+shape. `--sweep` also tries launch configurations of the M <= 4 GEMV (and the tl.dot GEMV at M = 8)
+and prints the best per shape. Usage:
+    python benchmarks/bench_wo_linear.py [--formats int4,nvfp4,int8] [--m 1,8,512] [--sweep] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from lotion_fx.backends import torchao_export as X
+from lotion_fx.backends import triton_matmul as T
+from lotion_fx.reference import resolve_block
+
+SHAPES = [(2048, 2048, "wq/wo"), (512, 2048, "wk/wv"), (8192, 2048, "w1/w3"), (2048, 8192, "w2"),
+          (32000, 2048, "head")]
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 4 * 20 / (time.perf_counter() - t0)
+
+
+def graph_time(calls: list, reps: int = 5) -> float:
+    """Seconds per call: one CUDA graph holding every call of `calls`, replayed `reps` times."""
+    for c in calls[:2]:
+        c()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / 1e3 / reps / len(calls)
+
+
+def weights(n: int, k: int, fmt: str | None, copies: int) -> list:
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    if fmt is None:
+        return [w.clone() for _ in range(copies)]
+    t = X.to_torchao(w, fmt, resolve_block(None, fmt, k), X.PACKED)
+    return [X.LotionPackedTensor(t.qdata.clone(), t.scale.clone(), t.tensor_scale.clone(), t.fmt, t.block, t.dtype)
+            for _ in range(copies)]
+
+
+def op_calls(x: torch.Tensor, ws: list) -> list:
+    if isinstance(ws[0], X.LotionPackedTensor):
+        return [lambda t=t: T.weight_only_linear(x, t.qdata, t.scale, t.tensor_scale, None, t.fmt) for t in ws]
+    return [lambda t=t: F.linear(x, t) for t in ws]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", default="int4,nvfp4,int8")
+    ap.add_argument("--m", default="1,8,512")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sum8", action="store_true", help="also time M = 8 through the tl.sum GEMV (SUM_MAX_M = 8)")
+    ap.add_argument("--budget-s", type=float, default=120.0, help="stop sweeping after this many seconds")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    title = f"{torch.cuda.get_device_name()} | torch {torch.__version__} | copy bandwidth {bw / 1e12:.2f} TB/s"
+    print(title, flush=True)
+    rows, lines, start = [], [], time.time()
+    head = ["shape (N x K)", "layer", "M", "weights", "us / call", "GB/s", "% of copy BW", "vs bf16"]
+    for n, k, name in SHAPES:
+        nbytes = {None: n * k * 2}
+        copies = {}
+        for fmt in [None, *args.formats.split(",")]:
+            w1 = weights(n, k, fmt, 1)[0]
+            nbytes[fmt] = X.nbytes(w1) if fmt else n * k * 2
+            copies[fmt] = max(2, min(200, math.ceil(96 * 2**20 / nbytes[fmt])))
+        for m in map(int, args.m.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            base = None
+            for fmt in [None, *args.formats.split(",")]:
+                ws = weights(n, k, fmt, copies[fmt])
+                s = graph_time(op_calls(x, ws))
+                base = base or s
+                rows.append([f"{n} x {k}", name, m, fmt or "bf16", f"{s * 1e6:.1f}", f"{nbytes[fmt] / s / 1e9:.0f}",
+                             f"{100 * nbytes[fmt] / s / bw:.0f}%", f"{base / s:.2f}x"])
+                print(rows[-1], flush=True)
+                if fmt and m >= T.DEQUANT_MIN_M:  # the alternative: the tiled tl.dot GEMM, no dequant pass
+                    T.DEQUANT_MIN_M, keep = 1 << 30, T.DEQUANT_MIN_M
+                    try:
+                        g = graph_time(op_calls(x, ws))
+                        lines.append(f"GEMM {fmt} M={m} {n}x{k}: tiled tl.dot {g * 1e6:.1f}us vs dequant+cuBLAS "
+                                     f"{s * 1e6:.1f}us (bf16 {base * 1e6:.1f}us)")
+                    finally:
+                        T.DEQUANT_MIN_M = keep
+                    print(lines[-1], flush=True)
+                if fmt and args.sum8 and m == 8:
+                    T.SUM_MAX_M, keep = 8, T.SUM_MAX_M
+                    try:
+                        g = graph_time(op_calls(x, ws))
+                        lines.append(f"SUM8 {fmt} M=8 {n}x{k}: tl.sum GEMV {g * 1e6:.1f}us vs tl.dot GEMV "
+                                     f"{s * 1e6:.1f}us (bf16 {base * 1e6:.1f}us)")
+                    finally:
+                        T.SUM_MAX_M = keep
+                    print(lines[-1], flush=True)
+                if fmt and args.sweep and m <= T.GEMV_MAX_M and time.time() - start < args.budget_s:
+                    lines.append(sweep(x, ws, n, k, m, fmt, s))
+                    print(lines[-1], flush=True)
+                del ws
+            torch.cuda.empty_cache()
+    text = title + "\n\n" + tabulate(rows, headers=head, tablefmt="github") + "\n\n" + "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+def sweep(x, ws, n, k, m, fmt, default_s) -> str:
+    """Best launch config for this shape: (BLOCK_N, BLOCK_K, warps, split) or the tl.dot kernel's."""
+    calls = op_calls(x, ws)
+    res = []
+    if m <= T.SUM_MAX_M:
+        bks = (256, 512) if fmt == "int8" else (256, 512, 1024)
+        cands = [(bn, bk, 4) for bn, bk in itertools.product((8, 16, 32), bks)] + [(32, 512, 8)]
+        for (bn, bk, w), split in itertools.product(cands, (1, 2, 4, 8)):
+            if split > 1 and triton_cdiv(k, bk) < split:
+                continue
+            T.GEMV_OVERRIDE = (bn, bk, w, split)
+            try:
+                res.append((graph_time(calls, reps=3), (bn, bk, w, split)))
+            except Exception as e:  # noqa: BLE001  (a config may not compile: skip it)
+                res.append((math.inf, (bn, bk, w, split, type(e).__name__)))
+        T.GEMV_OVERRIDE = None
+    else:
+        for bn, bk, w in [(32, 256, 4), (64, 128, 4), (64, 256, 8), (16, 512, 4)]:
+            T.GEMM_OVERRIDE = (16, bn, bk, w, 3)
+            try:
+                res.append((graph_time(calls, reps=3), (16, bn, bk, w, 3)))
+            except Exception as e:  # noqa: BLE001
+                res.append((math.inf, (bn, bk, w, type(e).__name__)))
+        T.GEMM_OVERRIDE = None
+    res.sort(key=lambda r: r[0])
+    best = ", ".join(f"{c} {t * 1e6:.1f}us" for t, c in res[:4])
+    return f"SWEEP {fmt} M={m} {n}x{k}: default {default_s * 1e6:.1f}us | best {best}"
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+if __name__ == "__main__":
+    main()
