@@ -168,6 +168,12 @@ def wrap(prepared: nn.Module, mode: str = "ddp") -> nn.Module:
         raise ValueError(f"unknown mode {mode!r}: choose one of {list(MODES)}")
     inner = _inner(prepared)
     info = prepared_info(inner)
+    if mode == "fsdp" and info.config.method == "lotion" and info.config.curvature == "gn_sampled":
+        raise NotImplementedError(
+            "curvature='gn_sampled' (the default) is not supported under FSDP2 yet: its sampled backward "
+            "would see reduce-scattered (averaged) gradients, whose square is not the mean squared "
+            "gradient. Use wrap(..., mode='ddp'), or LotionConfig(curvature='ema') with FSDP2 (tested)"
+        )
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return prepared
     cfg = info.config

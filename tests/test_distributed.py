@@ -231,3 +231,8 @@ def test_single_process_passthrough_and_errors() -> None:
         D.wrap(prepared, "zero3")
     with pytest.raises(TypeError, match="not a prepared model"):
         D.wrap(Net())
+    torch.manual_seed(0)
+    default = lotion_fx.prepare(Net(), lotion_fx.LotionConfig(block_size=16))
+    with pytest.raises(NotImplementedError, match="not supported under FSDP2"):
+        D.wrap(default, "fsdp")
+    assert D.wrap(default, "ddp") is default
