@@ -126,6 +126,12 @@ def curvature_step(
 def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, inputs, kwargs) -> None:
     names = [n for n in smooth if prepared.get_parameter(n).requires_grad]
     params = [prepared.get_parameter(n) for n in names]
+    if any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for p in params):
+        raise NotImplementedError(
+            "curvature='gn_sampled' does not support FSDP2-sharded weights yet (the sampled backward would "
+            "see reduce-scattered gradients); use LotionConfig(curvature='ema') with "
+            "lotion_fx.distributed.wrap(prepared, 'fsdp'), or DDP"
+        )
     for sm in smooth.values():
         sm.set_penalty_enabled(False)
     try:

@@ -224,3 +224,24 @@ def test_non_finite_weights_are_named_and_refused():
     check_finite_weights([("fc", w)], "lotion_fx.convert")
     with pytest.raises(ValueError, match=r"(?s)lotion_fx.convert refused.*layer 'head': weight has 1 NaN and 2 Inf"):
         check_finite_weights([("fc", w), ("head", bad)], "lotion_fx.convert")
+
+
+def test_convert_refuses_nan_weights_and_the_handle_refuses_to_run_after_convert():
+    """Item 2: a diverged run must not deploy as finite codes. Item 7: after convert the prepared
+    handle shares frozen torchao weights, so running it is an error, not a silent no-op."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    prepared = lotion_fx.prepare(model, QAT)
+    with torch.no_grad():
+        model[2].weight[1, 3] = float("nan")
+    before = model[2].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"(?s)lotion_fx.convert refused.*layer '2': weight has 1 NaN"):
+        lotion_fx.convert(prepared)
+    assert type(model[2].weight) is nn.Parameter and torch.equal(model[2].weight.isnan(), before.isnan())
+    with torch.no_grad():
+        model[2].weight[1, 3] = 0.0
+    x = torch.randn(3, 32)
+    deployed = lotion_fx.convert(prepared)
+    assert torch.isfinite(deployed(x)).all()
+    with pytest.raises(RuntimeError, match="converted by lotion_fx.convert"):
+        prepared(x)
