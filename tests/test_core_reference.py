@@ -230,3 +230,27 @@ def test_penalty_gradient_matches_autograd_with_scale_held_constant(fmt):
     h = 1e-7
     fd = (penalty(w + h * torch.eye(1, w.numel(), dtype=w.dtype).reshape(w.shape)) - penalty(w)) / h
     torch.testing.assert_close(fd, R.penalty_grad(w, g, fmt, 16, lam).reshape(-1)[0], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("fmt, qmax, block", [("int8", 127, "row"), ("int4", 7, 32), ("int4", 7, 128)])
+def test_codes_and_scales_equal_torchaos_own_symmetric_quantizer(fmt: str, qmax: int, block) -> None:
+    """Where our formats coincide with torchao's symmetric affine quantization (int8 per row, int4
+    per group), torchao's choose_qparams/quantize/dequantize give our codes, scales and values."""
+    from torchao.quantization.quant_primitives import (
+        MappingType, choose_qparams_affine, dequantize_affine, quantize_affine,
+    )
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * torch.rand(48, 1)  # rows of different ranges
+    w[3, :] = 0.0  # an all-zero row: ours stays exactly zero
+    k = w.shape[1] if block == "row" else block
+    args = ((1, k), torch.int8)
+    kw = dict(quant_min=-qmax, quant_max=qmax)
+    s, z = choose_qparams_affine(w, MappingType.SYMMETRIC, *args, eps=torch.finfo(torch.float32).tiny, **kw)
+    q = quantize_affine(w, (1, k), s, z, torch.int8, **kw)
+    codes, scales = lotion_fx.quantize(w, fmt, block)
+    nonzero = w.reshape(48, -1, k).abs().amax(-1) > 0
+    assert torch.equal(codes.to(torch.int8), q)
+    torch.testing.assert_close(scales[nonzero], s.reshape(scales.shape)[nonzero], rtol=0, atol=0)
+    deq = dequantize_affine(q, (1, k), s, z, torch.int8, **kw)
+    assert torch.equal(lotion_fx.fake_quantize(w, fmt, block), deq)

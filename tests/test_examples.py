@@ -33,7 +33,8 @@ def test_compare_tiny_every_method_finite(capsys: pytest.CaptureFixture, tmp_pat
     assert {r["config"]["method"] for r in records} == set(compare.METHODS)
     for r in records:
         assert math.isfinite(r["val_loss_fp"]) and math.isfinite(r["val_loss_quant"])
-        assert r["val_loss_quant"] < math.log(256) + 1  # trained a little, not diverged
+        # an untrained byte model sits at log(256) = 5.55 nats; 12 steps reach ~3.6: it learned
+        assert r["val_loss_quant"] < math.log(256) - 1.0
     for row in ("full precision", "ptq", "qat", "lotion", "lotion_sampled"):
         assert row in printed
 

@@ -38,7 +38,7 @@ def train_llama(steps: int, method: str = "lotion", seed: int = 0) -> tuple[list
     batches = Batches(corpus.train, seq=32, batch=8, seed=seed)
     x0, _ = batches.next()
     prepared = lotion_fx.prepare(
-        model, lotion_fx.LotionConfig(method=method, format="int4", block_size=32, curvature_scale=8.0),
+        model, lotion_fx.LotionConfig(method=method, format="int4", block_size=32, lam_warmup=10),
         example_inputs=(x0,),
     )
     assert prepared.get_parameter("model.layers.0.mlp.up_proj.weight") is model.model.layers[0].mlp.up_proj.weight
@@ -46,6 +46,7 @@ def train_llama(steps: int, method: str = "lotion", seed: int = 0) -> tuple[list
     losses = []
     for _ in range(steps):
         x, y = batches.next()
+        lotion_fx.curvature_step(prepared, x)  # HF ModelOutput: the sampled targets come from .logits
         out = prepared(x)
         assert isinstance(out, transformers.modeling_outputs.CausalLMOutputWithPast)
         loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
@@ -67,6 +68,17 @@ def test_llama_exported_and_trained() -> None:
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.5, (first, last)  # byte-level text: the loss falls fast from ln 256
     assert math.isfinite(fp) and math.isfinite(q) and q != fp
+
+
+def test_llama_lotion_curvature_and_penalty_are_live() -> None:
+    """The default curvature reaches an exported HF model: g is filled and the penalty is on."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (4, 16))
+    prepared = lotion_fx.prepare(tiny_llama(), lotion_fx.LotionConfig(block_size=32, lam_warmup=0),
+                                 example_inputs=(x,))
+    assert lotion_fx.curvature_step(prepared, x) is True
+    assert float(lotion_fx.penalty(prepared)) > 0
+    assert all(int(sm.count) == 1 for sm in lotion_fx.smoothers(prepared).values())
 
 
 if __name__ == "__main__":
