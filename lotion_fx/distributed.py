@@ -9,6 +9,7 @@ like its parameter (whole rows, so blocks along in_features are never split); th
 that nvfp4 and per-tensor blocks need is all-reduced (one scalar per weight).
 """
 
+import functools
 import os
 import warnings
 from typing import Any
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from . import reference as R
 from .api import prepared_info, smoothers
+from .ops import lotion_backward_math
 from .smoother import LotionSmoother
 
 # No `from __future__ import annotations`: DDP checks the comm hook's annotations at runtime.
@@ -87,17 +89,14 @@ def _needs_tensor_amax(sm: LotionSmoother) -> bool:
 def _apply_after_reduction(
     sm: LotionSmoother, w: Tensor, grad: Tensor, g: Tensor, tensor_amax: Tensor | None = None
 ) -> None:
-    """grad += d/dw (lam/2) sum g_hat sigma^2 (g from earlier steps), then g <- EMA with grad^2.
-
-    The same arithmetic as ops.lotion_backward, applied to the reduced (global-batch mean) task
-    gradient once per optimizer step. w, grad, g are the local rows (all of them under DDP).
-    """
+    """The lotion backward (ops.lotion_backward_math: penalty from g of earlier steps, then the
+    `ema` update) applied in place to the reduced (global-batch mean) task gradient, once per
+    optimizer step. w, grad, g are the local rows (all of them under DDP)."""
     c = sm.config
-    count = sm.count
-    factor = R.curvature_factor(count, c.beta, c.curvature_scale) * sm.lam_now
-    pen = penalty_grad_rows(w, g * factor.to(g.device), sm.fmt, sm.block, 1.0, tensor_amax)
-    R.ema_update_(g, count, grad, c.beta)
-    grad.add_(pen.to(grad.dtype))
+    pen = functools.partial(penalty_grad_rows, tensor_amax=tensor_amax)
+    out = lotion_backward_math(grad, w, g, sm.count, sm.lam_now, sm.fmt, sm.block, c.beta,
+                               c.curvature_scale, 1, True, penalty_grad=pen)
+    grad.copy_(out)
 
 
 class _SyncState:

@@ -38,6 +38,7 @@ def _(w, g, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps, 
 def lotion_backward_math(
     grad: Tensor, w: Tensor, g: Tensor, count: Tensor, weight: Tensor, fmt: str, block: int,
     beta: float, curvature_scale: float, grad_accum_steps: int, update_curvature: bool,
+    penalty_grad=R.penalty_grad,
 ) -> Tensor:
     """grad + d/dw (weight/2) sum g_hat sigma^2; with update_curvature, then fold grad^2 into g.
 
@@ -47,11 +48,13 @@ def lotion_backward_math(
     sets it to 0 for the sampled-target pass of curvature_step). update_curvature is the `ema`
     estimator (g from the task gradient); `gn_sampled` folds g in curvature_step instead, and with
     `adam` g and count are the optimizer's exp_avg_sq and step, read only.
-    Traceable (the Inductor lowering reuses it), so eager and compiled share one body.
+    Traceable (the Inductor lowering reuses it), so eager and compiled share one body; the
+    distributed after-reduction path runs it too, with a `penalty_grad` that knows the whole
+    tensor's absmax when w holds only this rank's rows.
     """
     block = int(block)  # a SymInt under Dynamo; blocks are static
     factor = R.curvature_factor(count, beta, curvature_scale) * weight
-    pen = R.penalty_grad(w, g.float() * factor, fmt, block, 1.0) / grad_accum_steps
+    pen = penalty_grad(w, g.float() * factor, fmt, block, 1.0) / grad_accum_steps
     if update_curvature:
         R.ema_update_(g, count, grad * grad_accum_steps, beta)  # undo the 1/k of accumulation
     return grad + pen.to(grad.dtype)
