@@ -28,10 +28,10 @@ def _data_parallel() -> bool:
 class LotionSmoother(nn.Module):
     """Routes one Linear weight through the quantize/smoothing op chosen by `config.method`.
 
-    Buffers (saved in the prepared model's state_dict): `config_json` (the LotionConfig as JSON bytes, checked on load): for `lotion`,
-    `lam_now` (lam times its warm-up schedule), `steps` (optimizer steps seen by curvature_step) and,
-    for the `gn_sampled` / `ema` curvature, `g` and `count`; `step` for the noise of
-    `lotion_sampled`. The buffers keep their dtype when the model is cast (`.to(torch.bfloat16)`).
+    Buffers (saved in the prepared model's state_dict): `config_json` (the LotionConfig as JSON
+    bytes, checked on load); for `lotion`, `lam_now` (lam along its warm-up), `steps` (optimizer
+    steps seen by curvature_step) and, for the `gn_sampled` / `ema` curvature, `g` and `count`;
+    `step` for the noise of `lotion_sampled`. They keep their dtype when the model is cast.
     """
 
     def __init__(
