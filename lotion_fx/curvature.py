@@ -13,6 +13,7 @@ does not shrink as the fit improves, and it contains no penalty gradient (no fee
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -144,6 +145,13 @@ def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, i
     finally:
         for sm in smooth.values():
             sm.set_penalty_enabled(True)
+    missing = [n for n, gr in zip(names, grads) if gr is None]
+    if missing:
+        warnings.warn(
+            f"curvature_step got no gradient for {len(missing)} trainable smoothed weights (e.g. "
+            f"{missing[0]!r}): their g was not refreshed. Reentrant gradient checkpointing does this "
+            "(use use_reentrant=False); so do weights the forward does not use", stacklevel=3,
+        )
     sq = [None if gr is None else gr.float().square() for gr in grads]
     _all_reduce_mean([s for s in sq if s is not None])
     for name, s in zip(names, sq):

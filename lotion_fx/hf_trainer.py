@@ -23,13 +23,12 @@ This module imports without transformers; `LotionTrainer` imports it on first ac
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from .api import is_prepared, prepared_info, smoothers
+from .api import is_prepared, prepared_info
 from .curvature import _unwrap, curvature_step
 
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
@@ -77,7 +76,6 @@ class LotionTrainerMixin:
         self.curvature_loss = curvature_loss
         self.curvature_output_fn = curvature_output_fn
         self._lotion_curvature_at: int | None = None  # the global_step curvature_step last ran for
-        self._lotion_warned = False
 
     def training_step(self, model: nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> Tensor:
         step = self.state.global_step
@@ -116,21 +114,8 @@ class LotionTrainerMixin:
         else:
             output_fn = lambda out: labelled_logits(out, labels, causal)  # noqa: E731
         model.train()
-        smooth = smoothers(inner)
-        before = {n: int(sm.count) for n, sm in smooth.items() if hasattr(sm, "count")}
-        with self.compute_loss_context_manager():
-            refreshed = curvature_step(model, loss=self.curvature_loss, output_fn=output_fn, **feed)
-        stale = [n for n, c in before.items()
-                 if int(smooth[n].count) == c and inner.get_parameter(n).requires_grad]
-        if refreshed and stale and not self._lotion_warned:
-            self._lotion_warned = True
-            warnings.warn(
-                f"curvature_step got no gradient for {len(stale)} trainable smoothed weights (e.g. {stale[0]!r}): "
-                "their g was not refreshed. Reentrant gradient checkpointing does this "
-                "(gradient_checkpointing_kwargs={'use_reentrant': False} fixes it); so do weights the "
-                "forward does not use", stacklevel=2,
-            )
-        return refreshed
+        with self.compute_loss_context_manager():  # curvature_step warns about weights with no gradient
+            return curvature_step(model, loss=self.curvature_loss, output_fn=output_fn, **feed)
 
 
 def _build() -> type:

@@ -11,7 +11,6 @@ smoother's buffers appear beside them as `<linear>.lotion.<buffer>`.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Callable
 
 import torch
@@ -58,13 +57,7 @@ def rewrite_modules(
     Same contract as passes.insert_smoothing_nodes: resolve_block validates a layer and returns its
     block, make_smoother builds the smoother; every layer is checked before the first edit.
     """
-    names: dict[int, str] = {}
-    aliases: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in names:
-            aliases[id(p)].append(name)
-        else:
-            names[id(p)], aliases[id(p)] = name, []
+    names, aliases = passes.parameter_names(model)
 
     skipped: list[passes.SkippedOp] = []
     plan: list[tuple[str, nn.Linear, passes.RewrittenWeight]] = []
@@ -85,9 +78,7 @@ def rewrite_modules(
         if pname is None:  # weight is not a registered Parameter (e.g. a plain tensor attribute)
             skipped.append(passes.SkippedOp(mod_name, "Linear", None, "weight is not a Parameter"))
             continue
-        candidates = [pname, *aliases[id(mod.weight)], mod_name]
-        candidates += [n.rpartition(".")[0] for n in candidates]
-        pattern = next((pat for pat in skip if any(fnmatch.fnmatchcase(c, pat) for c in candidates)), None)
+        pattern = passes.skip_pattern(skip, [pname, *aliases[id(mod.weight)], mod_name])
         if pattern is not None:
             skipped.append(passes.SkippedOp(mod_name, "Linear", pname, f"skipped by pattern {pattern!r}"))
             continue

@@ -87,7 +87,9 @@ class LotionSmoother(nn.Module):
         del rec["grad_accum_steps"]
         return rec
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+    def check_loadable(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Raise, before anything is loaded, when `state_dict` holds this smoother's state saved under
+        another config, or non-finite curvature (it would NaN the weights within two steps)."""
         saved = state_dict.get(prefix + "config_json")
         if isinstance(saved, Tensor) and saved.device.type != "meta":
             theirs = json.loads(bytes(saved.cpu().tolist()).decode())
@@ -99,7 +101,6 @@ class LotionSmoother(nn.Module):
                     f"{diff}; prepare the model with the checkpoint's LotionConfig to resume, or load "
                     "only the original model's keys (lotion_fx.original(prepared).load_state_dict)"
                 )
-        self._host_steps = None  # the loaded `steps` buffer is the truth again
         for name in ("g", "lam_now"):
             t = state_dict.get(prefix + name)
             if isinstance(t, Tensor) and t.device.type != "meta" and not torch.isfinite(t).all():
@@ -108,6 +109,10 @@ class LotionSmoother(nn.Module):
                     "it would NaN the weights within two steps. Load an earlier checkpoint, or drop "
                     "the lotion.* keys and load with strict=False to restart the curvature from zero"
                 )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        self.check_loadable(state_dict, prefix)
+        self._host_steps = None  # the loaded `steps` buffer is the truth again
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ curvature
@@ -172,17 +177,14 @@ class LotionSmoother(nn.Module):
             self._host_steps = int(self.steps)
         return self._host_steps
 
-    def buffers_replaced(self) -> None:
-        """Call after writing the buffers directly (not through load_state_dict)."""
-        self._host_steps = None
-
     @torch.no_grad()
     def advance(self) -> None:
         """One optimizer step passed: move lam along its warm-up schedule."""
         n = self.steps_taken() + 1
         self._host_steps = n
         self.steps.add_(1)
-        self.lam_now.fill_(self._lam_at(n))
+        if self._lam_at(n) != self._lam_at(n - 1):  # after the warm-up: nothing to write
+            self.lam_now.fill_(self._lam_at(n))
 
     @torch.no_grad()
     def set_penalty_enabled(self, enabled: bool) -> None:

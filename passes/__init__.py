@@ -1,7 +1,9 @@
 """Capture front-ends and graph passes (installed as `lotion_fx.passes`)."""
 
 from .capture import CaptureError, export, normalize_example_inputs, symbolic_trace
-from .rewrite import RewriteResult, RewrittenWeight, SkippedOp, insert_smoothing_nodes, verify
+from .rewrite import (
+    RewriteResult, RewrittenWeight, SkippedOp, insert_smoothing_nodes, parameter_names, skip_pattern, verify,
+)
 
 __all__ = [
     "CaptureError",
@@ -10,6 +12,8 @@ __all__ = [
     "SkippedOp",
     "export",
     "insert_smoothing_nodes",
+    "parameter_names",
+    "skip_pattern",
     "normalize_example_inputs",
     "symbolic_trace",
     "verify",

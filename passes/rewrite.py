@@ -167,6 +167,26 @@ def _insertion_point(gm: GraphModule) -> Node:
     raise AssertionError("graph has no output node")
 
 
+def parameter_names(module: nn.Module) -> tuple[dict[int, str], dict[int, list[str]]]:
+    """id(parameter) -> its first name, and -> its other names (a tied weight has several)."""
+    names: dict[int, str] = {}
+    aliases: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in names:
+            aliases[id(p)].append(name)
+        else:
+            names[id(p)], aliases[id(p)] = name, []
+    return names, aliases
+
+
+def skip_pattern(skip: tuple[str, ...], param_names: list[str], module_name: str | None = None) -> str | None:
+    """The first `skip` pattern matching any name of the parameter, its owners, or the consuming module."""
+    candidates = [*param_names, *(n.rpartition(".")[0] for n in param_names)]
+    if module_name is not None:
+        candidates.append(module_name)
+    return next((pat for pat in skip if any(fnmatch.fnmatchcase(c, pat) for c in candidates)), None)
+
+
 def insert_smoothing_nodes(
     gm: GraphModule,
     *,
@@ -179,13 +199,7 @@ def insert_smoothing_nodes(
     resolve_block(module_name, weight) validates the layer and returns its block size;
     make_smoother(param_name, weight, block, index) builds the smoothing module.
     """
-    names: dict[int, str] = {}
-    aliases: dict[int, list[str]] = {}
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        if id(p) in names:
-            aliases[id(p)].append(name)
-        else:
-            names[id(p)], aliases[id(p)] = name, []
+    names, aliases = parameter_names(gm)
 
     uses, skipped = _find_uses(gm, names)
     layouts: dict[int, set[bool]] = {}
@@ -198,11 +212,8 @@ def insert_smoothing_nodes(
     for use in uses:
         module_name = use.param_name.rpartition(".")[0]
         # A tied weight is skipped if any of its names (or the consuming module) matches.
-        candidates = [use.param_name, *aliases[id(use.param)]]
-        candidates += [n.rpartition(".")[0] for n in candidates]
-        if use.kind == "module":
-            candidates.append(str(use.node.target))
-        pattern = next((pat for pat in skip if any(fnmatch.fnmatchcase(c, pat) for c in candidates)), None)
+        module = str(use.node.target) if use.kind == "module" else None
+        pattern = skip_pattern(skip, [use.param_name, *aliases[id(use.param)]], module)
         if pattern is not None:
             skipped.append(SkippedOp(use.node.name, _describe(use.node), use.param_name,
                                      f"skipped by pattern {pattern!r}", warn=False))

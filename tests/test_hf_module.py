@@ -420,7 +420,7 @@ def test_save_pretrained_round_trip(tmp_path) -> None:
     with pytest.raises(KeyError, match="lacks 8 smoother buffers"):
         lotion_fx.load_smoother_state(other, tmp_path)
     other = lotion_fx.prepare(tiny(), cfg(lam=2.0), capture="dynamo")  # same buffers, another config
-    with pytest.raises(ValueError, match=r"another LotionConfig.*'lam': \(1.0, 2.0\)"):
+    with pytest.raises(ValueError, match=r"another config.*'lam': \(1.0, 2.0\)"):
         lotion_fx.load_smoother_state(other, tmp_path)
     assert int(lotion_fx.smoothers(other)["lm_head.weight"].count) == 0  # left unchanged
 
