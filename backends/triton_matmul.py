@@ -68,7 +68,9 @@ def unpack_codes(qdata: Tensor, fmt: str) -> Tensor:
     nib = _unpack_nibbles(qdata).to(torch.int64)
     if fmt == "int4":
         return (nib - 8).to(torch.float32)
-    mag = _E2M1.to(qdata.device)[nib & 7]
+    # E2M1 from its bits (no lookup table: a module-level tensor breaks torch.compile's fake tensors)
+    e, m = (nib >> 1) & 3, (nib & 1).to(torch.float32)
+    mag = torch.where(e == 0, 0.5 * m, torch.exp2((e - 1).to(torch.float32)) * (1 + 0.5 * m))
     return torch.where(nib >= 8, -mag, mag)
 
 
@@ -88,6 +90,15 @@ def linear_reference(
 ) -> Tensor:
     """F.linear with the dequantized weight (in x's dtype): the CPU path and the kernels' reference."""
     return F.linear(x, dequantize_reference(qdata, scale, tensor_scale, fmt, x.dtype), bias)
+
+
+def packed_linear(
+    x: Tensor, qdata: Tensor, scale: Tensor, tensor_scale: Tensor, bias: Tensor | None, fmt: str
+) -> Tensor:
+    """F.linear with a packed weight: the Triton kernels when both are on CUDA, else linear_reference."""
+    if qdata.is_cuda and x.is_cuda:
+        return torch.ops.lotion_fx.weight_only_linear(x, qdata, scale, tensor_scale, bias, fmt)
+    return linear_reference(x, qdata, scale, tensor_scale, bias, fmt)
 
 
 # ----------------------------------------------------------------------------- Triton kernels

@@ -5,9 +5,12 @@ with 8 KV heads, SwiGLU 8192, vocab 32000, untied head, RoPE, a static KV cache 
 Each Linear weight is replaced by `to_torchao(w, fmt, default block, "LotionPackedTensor")` (the
 tensor `lotion_fx.convert` makes: RTN codes, F.linear -> our Triton kernels on CUDA);
 `torchao-int8` / `torchao-int4` are torchao's own Int8WeightOnlyConfig / Int4WeightOnlyConfig
-(tinygemm, group 128) as anchors. Prefill of `--prefill` tokens (eager), then decode steps with
-torch.compile(mode="reduce-overhead") (CUDA graphs). "% of BW limit" = (weight bytes / measured
-device-to-device copy bandwidth) / ms per token. Usage:
+(tinygemm, group 128) as anchors. Prefill of `--prefill` tokens, then single-token decode steps
+replayed as CUDA graphs, both compiled (`compile_for`). Our variants hold each weight in a
+`PackedLinear` (what convert gives: the codes and scales as plain buffers); `<fmt>-param` keeps the
+LotionPackedTensor as the Linear's Parameter instead, whose per-call unwrapping by torch.compile
+made the step host-bound (profile_decode.py). "% of BW limit" = (weight bytes / measured device-to-device copy bandwidth) /
+ms per token. Usage:
     python benchmarks/bench_decode.py [--quick] [--batches 1,8] [--variants ...] [--out FILE]
 """
 
@@ -25,6 +28,7 @@ from tabulate import tabulate
 from torch import nn
 
 from lotion_fx.backends import torchao_export as X
+from lotion_fx.backends.packed_linear import PackedLinear, pack_linears
 from lotion_fx.reference import resolve_block
 
 OURS = {"int8": "int8", "int4": "int4", "nvfp4": "nvfp4"}
@@ -121,17 +125,19 @@ def build(variant: str, c: Cfg, batch: int, device: str) -> nn.Module:
                else Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
         quantize_(model, cfg)
         return model
-    fmt = OURS[variant]
+    fmt = OURS[variant.removesuffix("-param")]
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Linear):
                 block = resolve_block(None, fmt, m.in_features)
                 m.weight = nn.Parameter(X.to_torchao(m.weight, fmt, block, X.PACKED), requires_grad=False)
-    return model
+    return model if variant.endswith("-param") else pack_linears(model)
 
 
 def weight_bytes(model: nn.Module) -> int:
-    return sum(X.nbytes(p) for p in model.parameters())
+    """Bytes of the weights: parameters, and the packed buffers of PackedLinear layers."""
+    packed = sum(X.nbytes(m.weight) for m in model.modules() if isinstance(m, PackedLinear))
+    return packed + sum(X.nbytes(p) for p in model.parameters())
 
 
 def copy_bandwidth(device: str) -> float:
@@ -153,18 +159,30 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def compile_for(model: nn.Module, how: str, cudagraphs: bool) -> nn.Module:
+    """`how`: "default" = torch.compile (fullgraph; mode="reduce-overhead" = CUDA graphs when
+    `cudagraphs`), "none" = eager. (Inductor freezing was tried: 5x slower decode, bf16 included.)"""
+    if how == "none":
+        return model
+    return torch.compile(model, fullgraph=True, mode="reduce-overhead" if cudagraphs else None)
+
+
 @torch.no_grad()
-def measure(model: nn.Module, c: Cfg, batch: int, prefill: int, steps: int, device: str, mode: str | None):
-    """(prefill ms, decode ms/token): eager prefill, then compiled single-token steps."""
+def measure(model: nn.Module, c: Cfg, batch: int, prefill: int, steps: int, device: str, how: str):
+    """(prefill ms, decode ms/token): compiled prefill (median of 3), then compiled single-token steps
+    replayed as CUDA graphs (on CUDA)."""
     ids = torch.randint(0, c.vocab, (batch, prefill), device=device)
     pos = torch.arange(prefill, device=device)
-    model(ids, pos)  # warm-up (and Triton autotuning at M = batch * prefill)
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = model(ids, pos)
-    _sync(device)
-    prefill_ms = (time.perf_counter() - t0) * 1e3
-    step = torch.compile(model, mode=mode, fullgraph=True) if mode else model
+    pre = compile_for(model, how, cudagraphs=False)
+    pre(ids, pos)  # compile (and Triton autotuning at M = batch * prefill)
+    pre_times = []
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = pre(ids, pos)
+        _sync(device)
+        pre_times.append((time.perf_counter() - t0) * 1e3)
+    step = compile_for(model, how, cudagraphs=device == "cuda")
     tok = logits.argmax(-1)
     p = torch.tensor([prefill], device=device)
     for i in range(3):  # compile + CUDA graph capture
@@ -177,7 +195,7 @@ def measure(model: nn.Module, c: Cfg, batch: int, prefill: int, steps: int, devi
             tok = step(tok, p + 3 + (r * steps + i) % (c.max_len - prefill - 4)).argmax(-1)
         _sync(device)
         times.append((time.perf_counter() - t0) / steps * 1e3)
-    return prefill_ms, statistics.median(times)
+    return statistics.median(pre_times), statistics.median(times)
 
 
 def main() -> None:
@@ -186,7 +204,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--mode", default="reduce-overhead")
+    ap.add_argument("--compile", default="default", choices=["default", "none"],
+                    help="how prefill and decode are compiled (see compile_for); decode adds CUDA graphs")
     ap.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--out", default=None)
@@ -194,13 +213,13 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     c = Cfg(dim=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=1024, max_len=128) if args.quick else Cfg()
     prefill = min(args.prefill, c.max_len // 2)
-    mode = args.mode if device == "cuda" else None
     bw = copy_bandwidth(device)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in Llama(c, 1).parameters())
     title = (f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} | torch {torch.__version__} | "
              f"Llama-shaped {n_params / 1e9:.2f}B params (d={c.dim}, {c.layers} layers, vocab {c.vocab}), "
-             f"bf16 activations, prefill {prefill}, static KV cache, torch.compile(mode={mode!r}) decode | "
+             f"bf16 activations, prefill {prefill}, static KV cache, compile={args.compile!r} (+ CUDA graphs for "
+             f"decode) | "
              f"copy bandwidth {bw / 1e12:.2f} TB/s")
     print(title, flush=True)
     rows, base, start = [], {}, time.time()
@@ -213,7 +232,7 @@ def main() -> None:
             try:
                 model = build(variant, c, batch, device)
                 wb = weight_bytes(model)
-                pre, ms = measure(model, c, batch, prefill, args.steps, device, mode)
+                pre, ms = measure(model, c, batch, prefill, args.steps, device, args.compile)
             except Exception as e:  # one failing variant must not hide the others
                 rows.append([variant, batch, "-", "-", "-", "-", "-", "-", f"{type(e).__name__}: {str(e)[:90]}"])
                 print(rows[-1], flush=True)

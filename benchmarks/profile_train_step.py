@@ -70,7 +70,7 @@ def quantized_numel(model: torch.nn.Module, method: str) -> tuple[int, int]:
 
 def make(method: str, fmt: str | None, cfg: GPTConfig, device: str) -> torch.nn.Module:
     if device == "cuda":
-        return build(method, fmt, cfg)
+        return build(method, fmt, None, cfg)
     torch.manual_seed(0)  # bench_train_step.build is CUDA-only; same setup on CPU
     model = GPT(cfg)
     return model if method == "plain" else lotion_fx.prepare(model, lotion_fx.LotionConfig(method=method, format=fmt))
@@ -134,6 +134,8 @@ def profile_case(method: str, fmt: str | None, cfg: GPTConfig, args) -> dict:
 
     def step() -> None:
         with torch.autocast(dev, dtype=torch.bfloat16):
+            if method == "lotion":  # the real loop: a sampled-target refresh every curvature_every steps
+                lotion_fx.curvature_step(fn, idx)
             logits = fn(idx)
             loss = F.cross_entropy(logits.float().flatten(0, 1), idx.flatten())
         loss.backward()

@@ -373,7 +373,7 @@ def test_generate_before_and_after_convert(kind: str, tmp_path) -> None:
     deployed = lotion_fx.convert(prepared)
     assert deployed is model and type(deployed.lm_head.weight).__name__ == "LotionPackedTensor"
     # convert released the model: no training state, exactly the original classes and keys
-    assert set(deployed.state_dict()) == keys and type(deployed.lm_head) is nn.Linear
+    assert set(deployed.state_dict()) == keys and isinstance(deployed.lm_head, nn.Linear)
     assert not lotion_fx.is_prepared(deployed)
     assert lotion_fx.release(deployed) is deployed and set(deployed.state_dict()) == keys  # again: harmless
     with torch.no_grad():

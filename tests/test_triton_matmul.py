@@ -155,10 +155,25 @@ def test_gpu_realistic_sizes(fmt: str, block, m: int, n: int, k: int) -> None:
     assert torch.equal(_run(F.one_hot(cols, k).to(torch.bfloat16), t), wq[:, cols].T)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nvfp4"])
+def test_compiled_cpu_linear_equals_dequantized(fmt: str) -> None:
+    """torch.compile of a packed Linear on CPU (the dequantize path) traces and computes F.linear with
+    the fake-quantized weight (a module-level lookup table once broke nvfp4's fake tensors)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 24, bias=True)
+    wq = lotion_fx.fake_quantize(lin.weight.detach(), fmt)
+    lin.weight = torch.nn.Parameter(_packed(lin.weight.detach(), fmt, None), requires_grad=False)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        got = torch.compile(lin, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, F.linear(x, wq, lin.bias))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nvfp4"])
-def test_gpu_compile_cuda_graphs_no_graph_break(fmt: str) -> None:
+@pytest.mark.parametrize("freezing", [False, True])
+def test_gpu_compile_cuda_graphs_no_graph_break(fmt: str, freezing: bool) -> None:
     torch.manual_seed(0)
     lin = torch.nn.Linear(1024, 512, bias=True).to("cuda", torch.bfloat16)
     wq = lotion_fx.fake_quantize(lin.weight.detach(), fmt)
@@ -167,7 +182,7 @@ def test_gpu_compile_cuda_graphs_no_graph_break(fmt: str) -> None:
     explain = torch._dynamo.explain(lin)(x)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     torch._dynamo.reset()
-    step = torch.compile(lin, mode="reduce-overhead", fullgraph=True)
+    step = torch.compile(lin, fullgraph=True, options={"triton.cudagraphs": True, "freezing": freezing})
     with torch.no_grad():
         for _ in range(3):
             got = step(x).clone()

@@ -1,0 +1,111 @@
+"""Where a decode step's time goes: torch.profiler over compiled KV-cache decode steps and one eager prefill.
+
+Uses bench_decode's Llama-shaped model and variants. Per variant prints wall ms/token, the GPU
+kernel time per token (sum of CUDA kernel durations), kernels launched per token, the top kernels,
+Dynamo/Inductor counters (graph breaks, CUDA-graph skips) and, for the prefill, the top CPU ops.
+A GPU with wall >> kernel time is waiting on the host (dispatch, launches, copies). Usage:
+    python benchmarks/profile_decode.py [--variants bf16,int4] [--compile default|none] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from tabulate import tabulate
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_decode as B  # noqa: E402
+
+
+def kernel_table(prof, steps: int, top: int) -> tuple[float, float, list]:
+    """(kernel us per step, kernels per step, top rows) from a profile's device events."""
+    agg: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            agg[e.name][0] += 1
+            agg[e.name][1] += e.device_time
+    total = sum(v[1] for v in agg.values()) / steps
+    count = sum(v[0] for v in agg.values()) / steps
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]
+    return total, count, [[n[:70], f"{c / steps:.1f}", f"{t / steps:.1f}"] for n, (c, t) in rows]
+
+
+def cpu_table(prof, top: int) -> list:
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [[e.key[:70], e.count, f"{e.self_cpu_time_total / 1e3:.2f}", f"{e.cpu_time_total / 1e3:.2f}"] for e in rows]
+
+
+@torch.no_grad()
+def profile_variant(variant: str, c: B.Cfg, args, device: str) -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = B.build(variant, c, args.batch, device)
+    ids = torch.randint(0, c.vocab, (args.batch, args.prefill), device=device)
+    pos = torch.arange(args.prefill, device=device)
+    model(ids, pos)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        logits = model(ids, pos)
+        torch.cuda.synchronize()
+        pre_ms = (time.perf_counter() - t0) * 1e3
+    ktime, kcount, krows = kernel_table(prof, 1, args.top)
+    print(f"\n=== {variant} prefill M={args.batch * args.prefill} (eager): wall {pre_ms:.2f} ms, GPU kernels "
+          f"{ktime / 1e3:.2f} ms, {kcount:.0f} kernels")
+    print(tabulate(krows, headers=["kernel", "count", "us"]))
+    print(tabulate(cpu_table(prof, args.top), headers=["cpu op", "count", "self ms", "total ms"]))
+
+    step = B.compile_for(model, args.compile, cudagraphs=True)
+    tok = logits.argmax(-1)
+    p = torch.tensor([args.prefill], device=device)
+    for i in range(5):
+        tok = step(tok, p + i).argmax(-1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        tok = step(tok, p + 5 + i).argmax(-1)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / args.steps * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(args.steps):
+            tok = step(tok, p + 5 + args.steps + i).argmax(-1)
+        torch.cuda.synchronize()
+    ktime, kcount, krows = kernel_table(prof, args.steps, args.top)
+    print(f"\n=== {variant} decode batch {args.batch} (compile={args.compile!r} + CUDA graphs): wall {wall:.3f} ms/token, GPU "
+          f"kernels {ktime / 1e3:.3f} ms/token, {kcount:.0f} kernels/token")
+    print(tabulate(krows, headers=["kernel", "per token", "us / token"]))
+    print(tabulate(cpu_table(prof, 8), headers=["cpu op", "count", "self ms", "total ms"]))
+    interesting = {k: dict(v) for k, v in counters.items() if k in ("inductor", "graph_break", "stats") and v}
+    print("counters:", {k: {n: c for n, c in v.items() if "cudagraph" in n or k != "inductor"}
+                        for k, v in interesting.items()})
+    del model, step
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="bf16,int4")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--compile", default="default", choices=["default", "none"], help="see bench_decode")
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
+    args = ap.parse_args()
+    c = B.Cfg(dim=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=1024, max_len=128) if args.quick else B.Cfg()
+    args.prefill = min(args.prefill, c.max_len // 2)
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    for v in args.variants.split(","):
+        profile_variant(v, c, args, "cuda")
+
+
+if __name__ == "__main__":
+    main()
