@@ -8,7 +8,8 @@ per-block amax, int64 hashing) before Inductor schedules, so Inductor emits the 
 Two private hooks are used, both pinned by tests/test_lowering.py:
 - functional ops: entries in Inductor's decomposition table
   (`torch._inductor.decomposition.register_decomposition`, read by `select_decomp_table`);
-- the mutating `lotion_backward` (updates g, count): a CompositeImplicitAutograd kernel. Under
+- the mutating `lotion_backward` (updates g, count) and kfac_diag's observers (`kfac_observe_input`,
+  `kfac_output_backward`: update the smoother's accumulators): a CompositeImplicitAutograd kernel. Under
   torch.compile, FunctionalTensorMode decomposes every mutable op that has one
   (FunctionalTensorMode.__torch_dispatch__: mutable schema -> can decompose -> `func.decompose`), so the
   in-place EMA update is functionalised into a graph-input mutation that Inductor writes in place,
@@ -27,7 +28,12 @@ import torch
 from torch import Tensor
 
 from lotion_fx import reference as R
-from lotion_fx.ops import lotion_backward_math
+from lotion_fx.ops import (
+    kfac_observe_input_math,
+    kfac_output_backward_math,
+    lotion_backward_factored_math,
+    lotion_backward_math,
+)
 
 _lib: torch.library.Library | None = None
 _STATE: dict[str, str] = {"mode": "unregistered"}
@@ -53,8 +59,26 @@ def lotion_smooth(w: Tensor, g: Tensor, count: Tensor, *rest: object) -> Tensor:
     return w.clone()
 
 
-# The mutating op's body is shared with the eager kernel (it is written with traceable ops only).
+def lotion_smooth_factored(w: Tensor, *rest: object) -> Tensor:
+    return w.clone()
+
+
+def lotion_backward_factored(grad: Tensor, w: Tensor, a: Tensor, b: Tensor, count: Tensor,
+                             weight: Tensor, fmt: str, block: int, *rest: object) -> Tensor:
+    return lotion_backward_factored_math(grad, w, a, b, count, weight, fmt, int(block), *rest)
+
+
+def kfac_observe_output(y: Tensor, sq_sum: Tensor) -> Tensor:
+    return y.clone()
+
+
+# The mutating ops' bodies are shared with the eager kernels (written with traceable ops only).
 lotion_backward = lotion_backward_math
+_MUTATING = {
+    "lotion_backward": lotion_backward,
+    "kfac_observe_input": kfac_observe_input_math,
+    "kfac_output_backward": kfac_output_backward_math,
+}
 
 
 _FUNCTIONAL = {
@@ -62,6 +86,9 @@ _FUNCTIONAL = {
     "rtn_ste_backward": rtn_ste_backward,
     "sr_quantize": sr_quantize,
     "lotion_smooth": lotion_smooth,
+    "lotion_smooth_factored": lotion_smooth_factored,
+    "lotion_backward_factored": lotion_backward_factored,
+    "kfac_observe_output": kfac_observe_output,
 }
 
 
@@ -133,8 +160,9 @@ def register() -> str:
 
     ops = torch.ops.lotion_fx
     _lib = torch.library.Library("lotion_fx", "IMPL")
-    # Mutating op: functionalization decomposes it through this kernel (see module docstring).
-    _lib.impl("lotion_backward", lotion_backward, "CompositeImplicitAutograd")
+    # Mutating ops: functionalization decomposes them through this kernel (see module docstring).
+    for name, fn in _MUTATING.items():
+        _lib.impl(name, fn, "CompositeImplicitAutograd")
     apis = private_apis()
     if all(apis.values()):
         from torch._inductor import decomposition as D

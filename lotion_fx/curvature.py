@@ -8,6 +8,14 @@ family equals its Gauss-Newton matrix), the terms are independent with mean zero
 gradient v = sum_n J_n^T u_n is an unbiased estimate of diag(G) at the scale of the user's loss
 (Sophia's "Gauss-Newton-Bartlett" estimator, Liu et al. 2023). Unlike squared task gradients it
 does not shrink as the fit improves, and it contains no penalty gradient (no feedback).
+
+`kfac_diag` reads the same pass inside each Linear instead of squaring its weight gradient: with x_m
+its input rows and delta_m the gradient of its output rows (m over all leading dims, delta carrying
+the 1/sqrt(N)), v_ij = sum_m delta_mi x_mj, and for uncorrelated rows E[v_ij^2] = sum_m E[delta_mi^2]
+x_mj^2. Taking delta independent of x (K-FAC's assumption) factorises that into
+M * mean_m(delta_mi^2) * mean_m(x_mj^2) = (sum_m delta_mi^2) * mean_m(x_mj^2): two vectors, the same
+scale as `gn_sampled`, exact in expectation when delta does not depend on x (e.g. a Linear model
+under MSE). Each factor is an EMA over refreshes with its own bias correction.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from . import reference as R
 from .api import prepared_info, smoothed_weight, smoothers
 
 LOSSES = ("cross_entropy", "mse")
+SAMPLED = ("gn_sampled", "kfac_diag")  # the estimators refreshed by curvature_step's sampled pass
 
 
 def sampled_target_loss(
@@ -96,7 +105,8 @@ def curvature_step(
     Every `curvature_every` calls (the first call included) it runs `model(*inputs, **kwargs)` with
     targets sampled from the model's own predictions, one backward with the penalty switched off,
     and folds the squared gradient of every smoothed weight into its `g` (the `gn_sampled`
-    estimator); it also moves lam along its warm-up schedule. Pass the same callable you train
+    estimator), or the Linear's input and output-gradient statistics into its factors
+    (`kfac_diag`); it also moves lam along its warm-up schedule. Pass the same callable you train
     (the torch.compile'd module works and reuses its graphs). `loss_scale`: the user's loss is
     loss_scale times `loss` (e.g. 0.5 * sum over K outputs of a squared error = K/2 * "mse").
     No .grad is written, so call it before or after the training forward/backward, not between.
@@ -110,11 +120,11 @@ def curvature_step(
         return False
     first = next(iter(smooth.values()))
     step = first.steps_taken()
-    refresh = cfg.curvature == "gn_sampled" and step % cfg.curvature_every == 0
+    refresh = cfg.curvature in SAMPLED and step % cfg.curvature_every == 0
     if refresh:
         if not (inputs or kwargs):
             raise ValueError(
-                "curvature='gn_sampled' needs the step's inputs: lotion_fx.curvature_step(model, x) "
+                f"curvature={cfg.curvature!r} needs the step's inputs: lotion_fx.curvature_step(model, x) "
                 "(the same arguments as model(x))"
             )
         _refresh(model, prepared, smooth, cfg.seed, step, loss, loss_scale, output_fn,
@@ -127,14 +137,18 @@ def curvature_step(
 def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, inputs, kwargs) -> None:
     names = [n for n in smooth if prepared.get_parameter(n).requires_grad]
     params = [prepared.get_parameter(n) for n in names]
+    curvature = prepared_info(prepared).config.curvature
     if any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for p in params):
         raise NotImplementedError(
-            "curvature='gn_sampled' does not support FSDP2-sharded weights yet (the sampled backward would "
-            "see reduce-scattered gradients); use LotionConfig(curvature='ema') with "
+            f"curvature={curvature!r} does not support FSDP2-sharded weights yet (the sampled backward "
+            "would see reduce-scattered gradients); use LotionConfig(curvature='ema') with "
             "lotion_fx.distributed.wrap(prepared, 'fsdp'), or DDP"
         )
+    factored = curvature == "kfac_diag"
     for sm in smooth.values():
         sm.set_penalty_enabled(False)
+        if factored:
+            sm.start_observing()
     try:
         with torch.enable_grad():
             out = _forward_module(model)(*inputs, **kwargs)
@@ -145,6 +159,8 @@ def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, i
     finally:
         for sm in smooth.values():
             sm.set_penalty_enabled(True)
+            if factored:
+                sm.stop_observing()
     missing = [n for n, gr in zip(names, grads) if gr is None]
     if missing:
         warnings.warn(
@@ -152,6 +168,12 @@ def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, i
             f"{missing[0]!r}): their g was not refreshed. Reentrant gradient checkpointing does this "
             "(use use_reentrant=False); so do weights the forward does not use", stacklevel=3,
         )
+    if factored:  # the observers saw x and delta during that pass; the gradients are not needed
+        live = [smooth[n] for n, gr in zip(names, grads) if gr is not None]
+        _all_reduce_mean([t for sm in live for t in sm.observed()])
+        for sm in live:
+            sm.fold_observed()
+        return
     sq = [None if gr is None else gr.float().square() for gr in grads]
     _all_reduce_mean([s for s in sq if s is not None])
     for name, s in zip(names, sq):
@@ -166,7 +188,8 @@ def _rank() -> int:
 
 
 def _all_reduce_mean(tensors: list[Tensor]) -> None:
-    """Average the squared sampled gradients over data-parallel ranks (each is unbiased locally)."""
+    """Average the squared sampled gradients (or kfac_diag's sums) over data-parallel ranks (each is
+    unbiased locally)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -44,7 +44,7 @@ def load_smoother_state(model: nn.Module, directory: str | Path) -> list[str]:
 
     smoothers(model)  # a clear error when model is not prepared
     wanted = {f"{name}.{b}": buf for name, sm in model.named_modules() if isinstance(sm, LotionSmoother)
-              for b, buf in sm.named_buffers()}
+              for b, buf in sm.named_buffers() if b not in sm._non_persistent_buffers_set}
     found: dict[str, torch.Tensor] = {}
     for f in _safetensors_files(Path(directory)):
         with safe_open(str(f), framework="pt") as st:

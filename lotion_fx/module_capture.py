@@ -6,7 +6,9 @@ the `LotionSmoother` of its weight; its forward is `F.linear(x, self.lotion(self
 Eager calls run the smoothing op directly; under `torch.compile` Dynamo traces the same forward, so
 the graph any backend receives holds one smoothing op per parameter and no graph break. The model
 keeps its class and methods (`generate`, `save_pretrained`, ...) and every `state_dict` key; the
-smoother's buffers appear beside them as `<linear>.lotion.<buffer>`.
+smoother's buffers appear beside them as `<linear>.lotion.<buffer>`. With `curvature="kfac_diag"`,
+while curvature_step runs its sampled pass, the forward also hands the input and (through an
+identity op whose backward sees it) the output gradient to the smoother.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ class LotionLinear(nn.Linear):
             # Activation checkpointing reruns this forward inside backward; lotion_sampled's noise is
             # keyed by a counter its forward advances, so step it back to redraw the same noise.
             self.lotion.step.sub_(1)
-        return F.linear(input, self.lotion(self.weight), self.bias)
+        sm = self.lotion
+        if not sm.observing:
+            return F.linear(input, sm(self.weight), self.bias)
+        # kfac_diag, in curvature_step's sampled pass: the smoother sees x here and delta in the
+        # backward of its output observer (a recomputed forward must not count x twice)
+        if not _recomputing():
+            sm.observe_input(input)
+        return sm.observe_output(F.linear(input, sm(self.weight), self.bias))
 
 
 def _recomputing() -> bool:

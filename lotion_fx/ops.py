@@ -163,3 +163,119 @@ def _rtn_bwd(ctx, grad):
 
 
 rtn_quantize.register_autograd(_rtn_bwd, setup_context=_rtn_setup)
+
+
+# --------------------------------------------------------------------------- lotion, kfac_diag curvature
+def lotion_backward_factored_math(
+    grad: Tensor, w: Tensor, a: Tensor, b: Tensor, count: Tensor, weight: Tensor, fmt: str,
+    block: int, beta: float, curvature_scale: float, grad_accum_steps: int,
+) -> Tensor:
+    """lotion_backward_math with g = b a^T formed here (state stays O(in + out)); each factor is an
+    EMA with its own bias correction, so a second 1/(1 - beta^count) rides on `weight`."""
+    g = b.float()[:, None] * a.float()[None, :]
+    weight = weight * R.curvature_factor(count, beta, 1.0)
+    return lotion_backward_math(grad, w, g, count, weight, fmt, block, beta, curvature_scale,
+                                grad_accum_steps, False)
+
+
+@torch.library.custom_op("lotion_fx::lotion_smooth_factored", mutates_args=())
+def lotion_smooth_factored(
+    w: Tensor, a: Tensor, b: Tensor, count: Tensor, weight: Tensor, fmt: str, block: int,
+    beta: float, curvature_scale: float, grad_accum_steps: int,
+) -> Tensor:
+    """Forward of `lotion` with the factored curvature g = b a^T (kfac_diag): the weight itself."""
+    return w.clone()
+
+
+@lotion_smooth_factored.register_fake
+def _(w, a, b, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps):
+    return torch.empty_like(w)
+
+
+@torch.library.custom_op("lotion_fx::lotion_backward_factored", mutates_args=())
+def lotion_backward_factored(
+    grad: Tensor, w: Tensor, a: Tensor, b: Tensor, count: Tensor, weight: Tensor, fmt: str,
+    block: int, beta: float, curvature_scale: float, grad_accum_steps: int,
+) -> Tensor:
+    """The kfac_diag lotion backward as one op (see lotion_backward_factored_math)."""
+    return lotion_backward_factored_math(grad, w, a, b, count, weight, fmt, block, beta,
+                                         curvature_scale, grad_accum_steps)
+
+
+@lotion_backward_factored.register_fake
+def _(grad, w, a, b, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps):
+    return torch.empty_like(grad)
+
+
+def _factored_setup(ctx, inputs, output):
+    w, a, b, count, weight, *rest = inputs
+    ctx.save_for_backward(w)
+    ctx.state = (a, b, count, weight)  # state read at backward time, as in _lotion_setup
+    ctx.rest = rest
+
+
+def _factored_bwd(ctx, grad):
+    (w,) = ctx.saved_tensors
+    gw = torch.ops.lotion_fx.lotion_backward_factored(grad, w, *ctx.state, *ctx.rest)
+    return (gw,) + (None,) * 9
+
+
+lotion_smooth_factored.register_autograd(_factored_bwd, setup_context=_factored_setup)
+
+
+# --------------------------------------------------------------------------- kfac_diag observers
+def kfac_observe_input_math(x: Tensor, sq_sum: Tensor, rows: Tensor) -> None:
+    """sq_sum += sum over rows of x^2 (per input feature), rows += number of rows (all leading dims)."""
+    x2 = x.reshape(-1, sq_sum.shape[0]).float()
+    sq_sum.add_(x2.square().sum(0))
+    rows.add_(x2.shape[0])
+
+
+@torch.library.custom_op("lotion_fx::kfac_observe_input", mutates_args=("sq_sum", "rows"))
+def kfac_observe_input(x: Tensor, sq_sum: Tensor, rows: Tensor) -> None:
+    """kfac_diag: accumulate a Linear input's per-feature sum of squares and its row count."""
+    kfac_observe_input_math(x, sq_sum, rows)
+
+
+@kfac_observe_input.register_fake
+def _(x, sq_sum, rows):
+    return None
+
+
+def kfac_output_backward_math(grad: Tensor, sq_sum: Tensor) -> None:
+    """sq_sum += sum over rows of grad^2 (per output feature)."""
+    sq_sum.add_(grad.reshape(-1, sq_sum.shape[0]).float().square().sum(0))
+
+
+@torch.library.custom_op("lotion_fx::kfac_output_backward", mutates_args=("sq_sum",))
+def kfac_output_backward(grad: Tensor, sq_sum: Tensor) -> None:
+    """kfac_diag: accumulate the output gradient's per-feature sum of squares (in the backward)."""
+    kfac_output_backward_math(grad, sq_sum)
+
+
+@kfac_output_backward.register_fake
+def _(grad, sq_sum):
+    return None
+
+
+@torch.library.custom_op("lotion_fx::kfac_observe_output", mutates_args=())
+def kfac_observe_output(y: Tensor, sq_sum: Tensor) -> Tensor:
+    """Identity on a Linear's output; its backward folds the output gradient into sq_sum."""
+    return y.clone()
+
+
+@kfac_observe_output.register_fake
+def _(y, sq_sum):
+    return torch.empty_like(y)
+
+
+def _observe_output_setup(ctx, inputs, output):
+    ctx.state = inputs[1]  # state, not a saved activation (see _lotion_setup)
+
+
+def _observe_output_bwd(ctx, grad):
+    torch.ops.lotion_fx.kfac_output_backward(grad, ctx.state)
+    return grad, None
+
+
+kfac_observe_output.register_autograd(_observe_output_bwd, setup_context=_observe_output_setup)

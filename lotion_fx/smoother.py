@@ -31,6 +31,7 @@ class LotionSmoother(nn.Module):
     Buffers (saved in the prepared model's state_dict): `config_json` (the LotionConfig as JSON
     bytes, checked on load); for `lotion`, `lam_now` (lam along its warm-up), `steps` (optimizer
     steps seen by curvature_step) and, for the `gn_sampled` / `ema` curvature, `g` and `count`;
+    for `kfac_diag`, `kfac_in` (in,), `kfac_out` (out,) and `count` (plus unsaved accumulators);
     `step` for the noise of `lotion_sampled`. They keep their dtype when the model is cast.
     """
 
@@ -49,6 +50,7 @@ class LotionSmoother(nn.Module):
         self.after_reduction = False
         self._optimizer: weakref.ref | None = None
         self._host_steps: int | None = None  # see steps_taken()
+        self.observing = False  # kfac_diag: set by curvature_step around its sampled pass
         dev = weight.device
         # the config travels in the state dict (as JSON bytes: torch.save and safetensors alike), so a
         # checkpoint is never loaded into a model prepared differently
@@ -59,6 +61,17 @@ class LotionSmoother(nn.Module):
             if config.curvature in G_DTYPE:
                 self.register_buffer("g", torch.zeros(weight.shape, dtype=G_DTYPE[config.curvature], device=dev))
                 self.register_buffer("count", torch.zeros((), dtype=torch.int64, device=dev))
+            if config.curvature == "kfac_diag":
+                n_out, n_in = weight.shape
+                f32 = dict(dtype=torch.float32, device=dev)
+                # EMAs over refreshes of mean_m x_mj^2 and sum_m delta_mi^2; g = kfac_out kfac_in^T
+                self.register_buffer("kfac_in", torch.zeros(n_in, **f32))
+                self.register_buffer("kfac_out", torch.zeros(n_out, **f32))
+                self.register_buffer("count", torch.zeros((), dtype=torch.int64, device=dev))
+                # this refresh's sums, written by the observers (not saved: zero between refreshes)
+                self.register_buffer("kfac_in_acc", torch.zeros(n_in, **f32), persistent=False)
+                self.register_buffer("kfac_out_acc", torch.zeros(n_out, **f32), persistent=False)
+                self.register_buffer("kfac_rows", torch.zeros((), **f32), persistent=False)
         if config.method == "lotion_sampled":
             self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=dev))
 
@@ -101,7 +114,7 @@ class LotionSmoother(nn.Module):
                     f"{diff}; prepare the model with the checkpoint's LotionConfig to resume, or load "
                     "only the original model's keys (lotion_fx.original(prepared).load_state_dict)"
                 )
-        for name in ("g", "lam_now"):
+        for name in ("g", "lam_now", "kfac_in", "kfac_out"):
             t = state_dict.get(prefix + name)
             if isinstance(t, Tensor) and t.device.type != "meta" and not torch.isfinite(t).all():
                 raise ValueError(
@@ -125,6 +138,8 @@ class LotionSmoother(nn.Module):
         c = self.config
         if c.curvature in G_DTYPE:
             return self.g, self.count, c.beta, c.curvature == "ema"
+        if c.curvature == "kfac_diag":  # g as its outer product; g_hat corrects both factors
+            return torch.outer(self.kfac_out, self.kfac_in), self.count, c.beta, False
         opt = self._optimizer() if self._optimizer is not None else None
         if opt is None:
             raise RuntimeError(
@@ -146,7 +161,10 @@ class LotionSmoother(nn.Module):
         if curv is None or float(curv[1]) == 0:
             return None
         g, count, beta, _ = curv
-        return g.float() * R.curvature_factor(count, beta, self.config.curvature_scale).to(g.device)
+        factor = R.curvature_factor(count, beta, self.config.curvature_scale).to(g.device)
+        if self.config.curvature == "kfac_diag":  # each factor is its own bias-corrected EMA
+            factor = factor * R.curvature_factor(count, beta, 1.0).to(g.device)
+        return g.float() * factor
 
     # ------------------------------------------------------------------ modes (set by their owners' calls)
     def use_rounded_weights(self, on: bool) -> None:
@@ -201,6 +219,44 @@ class LotionSmoother(nn.Module):
         self.g.copy_(new)
         self.count.add_(1)
 
+    # ------------------------------------------------------------------ kfac_diag observers
+    @torch.no_grad()
+    def start_observing(self) -> None:
+        """kfac_diag, before curvature_step's sampled pass: zero the accumulators, observers on."""
+        for name in ("kfac_in_acc", "kfac_out_acc", "kfac_rows"):
+            self._buffers[name].zero_()
+        self.observing = True
+
+    def stop_observing(self) -> None:
+        """After the sampled pass: the observers are the identity again."""
+        self.observing = False
+
+    def observed(self) -> list[Tensor]:
+        """This refresh's accumulators (curvature_step averages them over data-parallel ranks)."""
+        return [self.kfac_in_acc, self.kfac_out_acc, self.kfac_rows]
+
+    def observe_input(self, x: Tensor) -> Tensor:
+        """kfac_diag: returns x; while observing, adds sum_m x_m^2 (per input feature) and M rows."""
+        if self.observing:
+            torch.ops.lotion_fx.kfac_observe_input(x.detach(), self.kfac_in_acc, self.kfac_rows)
+        return x
+
+    def observe_output(self, y: Tensor) -> Tensor:
+        """kfac_diag: returns y; while observing, its backward adds sum_m delta_m^2 per output feature."""
+        if self.observing:
+            return torch.ops.lotion_fx.kfac_observe_output(y, self.kfac_out_acc)
+        return y
+
+    @torch.no_grad()
+    def fold_observed(self) -> None:
+        """Sampled grad v_ij = sum_m delta_mi x_mj: GN_ij = E v_ij^2 = sum_m E[delta_mi^2] x_mj^2 (rows uncorrelated);
+        delta indep. of x: GN_ij ~= M mean_m(delta_mi^2) mean_m(x_mj^2) = kfac_out_i kfac_in_j (EMAs of both)."""
+        beta = self.config.beta
+        mean_in = self.kfac_in_acc / self.kfac_rows.clamp(min=1.0)
+        self.kfac_in.mul_(beta).add_(mean_in, alpha=1.0 - beta)
+        self.kfac_out.mul_(beta).add_(self.kfac_out_acc, alpha=1.0 - beta)
+        self.count.add_(1)
+
     def forward(self, w: Tensor) -> Tensor:
         c = self.config
         if self.passthrough or not self.training or c.method in ("none", "ptq"):
@@ -213,6 +269,11 @@ class LotionSmoother(nn.Module):
         # lotion: identity forward; the penalty gradient (and the `ema` update) run in backward.
         if self.after_reduction or not (torch.is_grad_enabled() and w.requires_grad):
             return w
+        if c.curvature == "kfac_diag":  # g = kfac_out kfac_in^T is formed in the backward only
+            return torch.ops.lotion_fx.lotion_smooth_factored(
+                w, self.kfac_in, self.kfac_out, self.count, self.lam_now, self.fmt, self.block, c.beta,
+                c.curvature_scale, c.grad_accum_steps,
+            )
         curv = self.curvature(w)
         if curv is None:
             return w
@@ -237,3 +298,13 @@ class LotionSmoother(nn.Module):
             return torch.zeros((), dtype=torch.float32, device=w.device)
         lam = float(self.lam_now)
         return R.penalty_value(w.detach(), g_hat, self.fmt, self.block, lam).float()
+
+
+def observe_linear_input(smoother: LotionSmoother, x: Tensor) -> Tensor:
+    """The FX observer node on a Linear's input (kfac_diag): `smoother.observe_input(x)`."""
+    return smoother.observe_input(x)
+
+
+def observe_linear_output(smoother: LotionSmoother, y: Tensor) -> Tensor:
+    """The FX observer node on a Linear's output (kfac_diag): `smoother.observe_output(y)`."""
+    return smoother.observe_output(y)

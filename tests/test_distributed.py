@@ -106,24 +106,27 @@ def _plain_ddp(rank: int, device: torch.device, x: torch.Tensor, y: torch.Tensor
     """A user's DistributedDataParallel(prepare(model)) without lotion_fx.distributed.wrap."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.manual_seed(0)
-    cfg = lotion_fx.LotionConfig(block_size=16, curvature_every=1, lam_warmup=0, seed=3)
-    prepared = lotion_fx.prepare(Net(), cfg).to(device)
-    model = DDP(prepared, broadcast_buffers=False)  # (with the default True, rank 0's g would win)
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    for _ in range(STEPS):
-        lotion_fx.curvature_step(model, x, loss="mse")
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    states = [None, None]
-    dist.all_gather_object(states, {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()})
+    out = {}
+    for curvature in ("gn_sampled", "kfac_diag"):
+        torch.manual_seed(0)
+        cfg = lotion_fx.LotionConfig(block_size=16, curvature_every=1, lam_warmup=0, seed=3, curvature=curvature)
+        prepared = lotion_fx.prepare(Net(), cfg).to(device)
+        model = DDP(prepared, broadcast_buffers=False)  # (with the default True, rank 0's g would win)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        for _ in range(STEPS):
+            lotion_fx.curvature_step(model, x, loss="mse")
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        states = [None, None]
+        dist.all_gather_object(states, {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()})
+        out[f"plain-ddp-{curvature}"] = states
     try:  # curvature='ema' under plain DDP would fold each rank's local gradient: refused
         DDP(_fresh(dict(method="lotion", block_size=16)).to(device))(x).sum().backward()
         ema_error = None
     except RuntimeError as e:
         ema_error = str(e)
-    return {"plain-ddp-gn_sampled": states, "plain-ddp-ema-error": ema_error}
+    return {**out, "plain-ddp-ema-error": ema_error}
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -197,6 +200,15 @@ def test_plain_ddp_default_curvature_is_identical_on_every_rank(distributed_resu
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert int(a["lotion.fc1_weight.count"]) == STEPS and float(a["lotion.fc2_weight.g"].float().sum()) > 0
+
+
+def test_plain_ddp_kfac_diag_is_identical_on_every_rank(distributed_results: dict) -> None:
+    """kfac_diag under plain DDP: the factor sums of each rank's half are averaged over ranks."""
+    a, b = distributed_results["plain-ddp-kfac_diag"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert int(a["lotion.fc1_weight.count"]) == STEPS and float(a["lotion.fc2_weight.kfac_out"].sum()) > 0
 
 
 def test_plain_ddp_with_ema_curvature_is_refused(distributed_results: dict) -> None:
