@@ -29,21 +29,9 @@ from torchao.utils import TorchAOBaseTensor
 
 from lotion_fx import reference as R
 from lotion_fx.backends import triton_matmul as K
-from lotion_fx.formats import get_format
+from lotion_fx.formats import PACKED, get_format
 
-PACKED = "LotionPackedTensor"
-DEFAULT_TARGETS: dict[str, str] = {
-    "int8": PACKED,
-    "int4": PACKED,
-    "nvfp4": PACKED,
-    "mxfp4": "MXTensor",
-}
-TARGETS: dict[str, tuple[str, ...]] = {
-    "int8": (PACKED, "Int8Tensor", "IntxUnpackedToInt8Tensor"),
-    "int4": (PACKED, "IntxUnpackedToInt8Tensor"),
-    "nvfp4": (PACKED, "NVFP4Tensor"),
-    "mxfp4": ("MXTensor",),
-}
+# Which classes can hold a format, and its default, are the format's facts (Format.torchao_targets).
 # classes whose embedding op works (a tied Embedding can share the quantized weight).
 EMBEDDING_OK = (PACKED, "Int8Tensor", "IntxUnpackedToInt8Tensor")
 RUNNABLE_DEVICES = ("cpu", "cuda")  # every weight-only path below is dequantize + torch matmul
@@ -54,9 +42,10 @@ def unsupported_reason(
     fmt: str, block: int, target: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> str | None:
     """Why torchao 0.18 cannot hold/run this weight bit-exactly, or None when it can."""
-    if target not in TARGETS.get(fmt, ()):
-        return f"torchao target {target!r} cannot hold format {fmt!r}; choose one of {list(TARGETS.get(fmt, ()))}"
-    if fmt == "mxfp4":
+    form = get_format(fmt)
+    if target not in form.torchao_targets:
+        return f"torchao target {target!r} cannot hold format {form.name!r}; choose one of {list(form.torchao_targets)}"
+    if target == "MXTensor":
         return (
             "torchao 0.18 MXTensor has no weight-only linear (its matmul also quantizes the "
             "activations, so the output would differ from quantized_eval); export mxfp4 weights "
@@ -68,11 +57,12 @@ def unsupported_reason(
         return f"torchao tensors dequantize to float32/bfloat16/float16, not {dtype}; cast the model first"
     if len(shape) != 2:
         return f"weight of shape {shape} is not 2-D"
-    if target == PACKED and fmt != "int8" and shape[1] % 2:
-        return f"{fmt} packs two codes per byte: in_features {shape[1]} must be even"
-    if target == PACKED and fmt == "nvfp4" and block == R.PER_TENSOR:
-        return "nvfp4 needs E4M3 block scales: use a block size (16 is the NVFP4 recipe), not per-tensor"
-    if fmt == "nvfp4" and target != PACKED and block != 16:
+    if target == PACKED and shape[1] % form.codes_per_byte:
+        return f"{form.name} packs {form.codes_per_byte} codes per byte: in_features {shape[1]} must be a multiple"
+    if target == PACKED and form.tensor_scale_bytes and block == R.PER_TENSOR:
+        return (f"{form.name} needs block scales under its tensor scale: use a block size (16 is the NVFP4 "
+                "recipe), not per-tensor")
+    if target == "NVFP4Tensor" and block != 16:
         return f"torchao NVFP4Tensor has block size 16 only, the layer uses {block or 'per-tensor'}"
     return None
 
@@ -115,7 +105,7 @@ def _nvfp4_checked(w: Tensor, block: int, scales: Tensor) -> tuple[Tensor, Tenso
 def to_torchao(weight: Tensor, fmt: str, block: int, target: str | None = None) -> Tensor:
     """The torchao tensor holding RTN(weight) in `fmt` with `block` columns (0 = per tensor)."""
     fmt = get_format(fmt).name
-    target = target or DEFAULT_TARGETS[fmt]
+    target = target or get_format(fmt).default_torchao_target
     w = weight.detach()
     shape = tuple(w.shape)
     codes, scales = R.quantize(w, fmt, block_spec(block))
@@ -141,7 +131,7 @@ def to_torchao(weight: Tensor, fmt: str, block: int, target: str | None = None) 
             qdata=codes.to(torch.int8),
             scale=s,
             zero_point=torch.zeros_like(s, dtype=torch.int8),
-            target_dtype=torch.int8 if fmt == "int8" else torch.int4,
+            target_dtype=torch.int8 if get_format(fmt).bits == 8 else torch.int4,
             block_size=_torchao_block(shape, block),
             dtype=w.dtype,
             activation_quantization=None,
@@ -171,7 +161,7 @@ def to_torchao(weight: Tensor, fmt: str, block: int, target: str | None = None) 
             _pack_e2m1(codes), biased.view(torch.float8_e8m0fnu), torch.float4_e2m1fn_x2,
             block, w.dtype, KernelPreference.EMULATED, None, False,
         )
-    raise ValueError(f"unknown torchao target {target!r}: choose one of {list(TARGETS[fmt])}")
+    raise ValueError(f"unknown torchao target {target!r}: choose one of {list(get_format(fmt).torchao_targets)}")
 
 
 def nbytes(t: Tensor) -> int:
@@ -240,9 +230,7 @@ _implements_torch_function = LotionPackedTensor.implements_torch_function
 def _linear(func, types, args, kwargs):
     x, w = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    if w.qdata.is_cuda and x.is_cuda:
-        return torch.ops.lotion_fx.weight_only_linear(x, w.qdata, w.scale, w.tensor_scale, bias, w.fmt)
-    return K.linear_reference(x, w.qdata, w.scale, w.tensor_scale, bias, w.fmt)
+    return K.packed_linear(x, w.qdata, w.scale, w.tensor_scale, bias, w.fmt)
 
 
 @_implements(torch.ops.aten.embedding.default)

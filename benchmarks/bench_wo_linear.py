@@ -75,6 +75,16 @@ def op_calls(x: torch.Tensor, ws: list) -> list:
     return [lambda t=t: F.linear(x, t) for t in ws]
 
 
+def time_with(module: object, knob: str, value: int, x: torch.Tensor, ws: list) -> float:
+    """graph_time of the calls with the kernel-choice threshold `module.knob` set to value, then restored."""
+    keep = getattr(module, knob)
+    setattr(module, knob, value)
+    try:
+        return graph_time(op_calls(x, ws))
+    finally:
+        setattr(module, knob, keep)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="int4,nvfp4,int8")
@@ -108,22 +118,14 @@ def main() -> None:
                              f"{100 * nbytes[fmt] / s / bw:.0f}%", f"{base / s:.2f}x"])
                 print(rows[-1], flush=True)
                 if fmt and m >= T.DEQUANT_MIN_M:  # the alternative: the tiled tl.dot GEMM, no dequant pass
-                    T.DEQUANT_MIN_M, keep = 1 << 30, T.DEQUANT_MIN_M
-                    try:
-                        g = graph_time(op_calls(x, ws))
-                        lines.append(f"GEMM {fmt} M={m} {n}x{k}: tiled tl.dot {g * 1e6:.1f}us vs dequant+cuBLAS "
-                                     f"{s * 1e6:.1f}us (bf16 {base * 1e6:.1f}us)")
-                    finally:
-                        T.DEQUANT_MIN_M = keep
+                    g = time_with(T, "DEQUANT_MIN_M", 1 << 30, x, ws)
+                    lines.append(f"GEMM {fmt} M={m} {n}x{k}: tiled tl.dot {g * 1e6:.1f}us vs dequant+cuBLAS "
+                                 f"{s * 1e6:.1f}us (bf16 {base * 1e6:.1f}us)")
                     print(lines[-1], flush=True)
                 if fmt and args.sum8 and m == 8:
-                    T.SUM_MAX_M, keep = 8, T.SUM_MAX_M
-                    try:
-                        g = graph_time(op_calls(x, ws))
-                        lines.append(f"SUM8 {fmt} M=8 {n}x{k}: tl.sum GEMV {g * 1e6:.1f}us vs tl.dot GEMV "
-                                     f"{s * 1e6:.1f}us (bf16 {base * 1e6:.1f}us)")
-                    finally:
-                        T.SUM_MAX_M = keep
+                    g = time_with(T, "SUM_MAX_M", 8, x, ws)
+                    lines.append(f"SUM8 {fmt} M=8 {n}x{k}: tl.sum GEMV {g * 1e6:.1f}us vs tl.dot GEMV "
+                                 f"{s * 1e6:.1f}us (bf16 {base * 1e6:.1f}us)")
                     print(lines[-1], flush=True)
                 if fmt and args.sweep and m <= T.GEMV_MAX_M and time.time() - start < args.budget_s:
                     lines.append(sweep(x, ws, n, k, m, fmt, s))

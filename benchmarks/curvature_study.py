@@ -138,6 +138,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qat": ("qat", {}),
     "default": ("lotion", {}),
     "ema (old default)": ("lotion", {"curvature": "ema"}),
+    "kfac": ("lotion", {"curvature": "kfac_diag"}),  # factored, the default's lam 1 and 500-step warm-up
     "gn lam 0.1": ("lotion", {"lam": 0.1, "lam_warmup": 0}),
     "gn lam 0.3": ("lotion", {"lam": 0.3, "lam_warmup": 0}),
     "gn lam 0.5": ("lotion", {"lam": 0.5, "lam_warmup": 0}),
@@ -148,6 +149,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gn lam 0.5 warmup 500": ("lotion", {"lam": 0.5, "lam_warmup": 500}),
     "gn lam 0.3 warmup 1/2": ("lotion", {"lam": 0.3, "lam_warmup": "half"}),
     "gn lam 1 every 1": ("lotion", {"curvature_every": 1}),
+    "every 20": ("lotion", {"curvature_every": 20}),
     "gn lam 1 beta 0.8": ("lotion", {"beta": 0.8}),
 }
 
@@ -161,19 +163,8 @@ def train_one(tb: Testbed, variant: str, seed: int, steps: int) -> tuple[float, 
     student, sample, loss_fn, metric, loss_scale = tb.make(seed)
     cfg = lotion_fx.LotionConfig(method=method, format=tb.fmt, block_size=tb.block, seed=seed, **over)
     model = lotion_fx.prepare(student, cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=tb.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    loss = torch.zeros(())
-    for _ in range(steps):
-        x, y = sample(gen)
-        lotion_fx.curvature_step(model, x, loss=tb.loss_kind, loss_scale=loss_scale)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+    loss, _ = S.fit(model, tb.lr, steps, lambda: sample(gen), loss_fn, tb.loss_kind, loss_scale)
     if not torch.isfinite(loss):
         return math.nan, math.nan
     model.eval()

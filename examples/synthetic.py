@@ -21,6 +21,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tabulate import tabulate
@@ -113,6 +114,29 @@ class TrainConfig:
 LR = {"ptq": 0.1, "qat": 0.03, "lotion": 0.1, "lotion_sampled": 0.03}
 
 
+def fit(model: nn.Module, lr: float, steps: int, sample: Callable[[], tuple[Tensor, Tensor]],
+        loss_fn: Callable[[Tensor, Tensor], Tensor], curvature_loss: str,
+        loss_scale: float) -> tuple[Tensor, torch.optim.Optimizer]:
+    """Adam with cosine decay over `steps`, a `curvature_step` before each step (the loop change the
+    default curvature asks for). Returns the last training loss and the optimizer (curvature='adam'
+    reads its state, so keep it while using the model). benchmarks/curvature_study.py uses it too."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    if lotion_fx.is_prepared(model) and lotion_fx.prepared_info(model).config.curvature == "adam":
+        lotion_fx.attach_optimizer(model, opt)
+    model.train()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        x, y = sample()
+        lotion_fx.curvature_step(model, x, loss=curvature_loss, loss_scale=loss_scale)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    return loss, opt
+
+
 def train(problem: Problem, method: str, fmt: str, seed: int, tc: TrainConfig) -> dict[str, float]:
     """Train one student with `method` and return its full-precision and quantized population loss."""
     torch.manual_seed(seed)
@@ -123,24 +147,11 @@ def train(problem: Problem, method: str, fmt: str, seed: int, tc: TrainConfig) -
         curvature_scale=scale, beta=tc.beta, seed=seed,
     )
     model = lotion_fx.prepare(student, cfg)
-    lr = LR[method] if tc.lr is None else tc.lr
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, tc.steps) / tc.steps))
-    )
-    if tc.curvature == "adam":
-        lotion_fx.attach_optimizer(model, opt)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(tc.steps):
-        x, y = problem.sample(tc.batch, gen)
-        # gn_sampled: a sampled-target backward every 10 steps; loss_fn is outputs/2 x F.mse_loss
-        lotion_fx.curvature_step(model, x, loss="mse", loss_scale=problem.cfg.outputs / 2)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+    # gn_sampled: a sampled-target backward every 10 steps; loss_fn is outputs/2 x F.mse_loss
+    lr = LR[method] if tc.lr is None else tc.lr
+    # opt stays referenced until the end: curvature='adam' reads its state in penalty() below
+    loss, opt = fit(model, lr, tc.steps, lambda: problem.sample(tc.batch, gen), loss_fn, "mse", problem.cfg.outputs / 2)
     if not torch.isfinite(loss):
         return {"fp": math.nan, "q": math.nan, "penalty": math.nan}
     model.eval()

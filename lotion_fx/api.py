@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,7 @@ from . import module_capture
 from . import reference as R
 from .checks import check_materialized, non_finite_summary
 from .config import LotionConfig
-from .smoother import LotionSmoother
+from .smoother import LotionSmoother, observe_linear_input, observe_linear_output
 
 _INFO = "_lotion_info"
 
@@ -177,8 +177,11 @@ def prepare(
     before = Graph()
     out = before.graph_copy(gm.graph, {})
     before.output(out)
+    observe = None
+    if config.method == "lotion" and config.curvature == "kfac_diag":  # x and delta to the smoother
+        observe = (observe_linear_input, observe_linear_output)
     result = passes.insert_smoothing_nodes(
-        gm, skip=config.skip, resolve_block=resolve_block, make_smoother=make_smoother
+        gm, skip=config.skip, resolve_block=resolve_block, make_smoother=make_smoother, observe=observe
     )
     if not result.rewritten:
         _warn_unprepared(model, result)
@@ -234,10 +237,17 @@ def penalty(prepared: nn.Module, per_layer: bool = False) -> Tensor | dict[str, 
 
 
 @contextlib.contextmanager
-def quantized_eval(prepared: nn.Module) -> Iterator[nn.Module]:
+def quantized_eval(prepared: nn.Module, names: Iterable[str] | None = None) -> Iterator[nn.Module]:
     """Inside the block the Linear weights are RTN(w) in the deployment format and the model is
-    in eval mode; on exit (also on error) the exact full-precision weights and mode come back."""
+    in eval mode; on exit (also on error) the exact full-precision weights and mode come back.
+    names: quantize only these rewritten parameters (default: all), e.g. to measure one layer."""
     smooth = smoothers(prepared)
+    if names is not None:
+        names = list(names)
+        unknown = sorted(set(names) - set(smooth))
+        if unknown:
+            raise ValueError(f"not rewritten parameters: {unknown}; choose among {sorted(smooth)}")
+        smooth = {n: smooth[n] for n in names}
     saved: dict[str, Tensor] = {}
     was_training = prepared.training
     try:

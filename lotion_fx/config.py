@@ -5,16 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .formats import get_format
+from .formats import as_block_spec, get_format
 
 METHODS = ("lotion", "lotion_sampled", "qat", "ptq", "none")
-CURVATURES = ("gn_sampled", "ema", "adam")
+CURVATURES = ("gn_sampled", "ema", "adam", "kfac_diag")
 # EMA decay of g when the config leaves beta=None: per optimizer step for `ema`, per refresh
 # (every `curvature_every` steps) for `gn_sampled`.
-DEFAULT_BETA = {"ema": 0.999, "gn_sampled": 0.95, "adam": 0.999}
+DEFAULT_BETA = {"ema": 0.999, "gn_sampled": 0.95, "adam": 0.999, "kfac_diag": 0.95}
 # lam warm-up (optimizer steps) when the config leaves lam_warmup=None: curvature_step advances it,
 # so only the estimator that needs that call in the loop gets one (README: choosing the default).
-DEFAULT_LAM_WARMUP = {"gn_sampled": 500, "ema": 0, "adam": 0}
+DEFAULT_LAM_WARMUP = {"gn_sampled": 500, "ema": 0, "adam": 0, "kfac_diag": 500}
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,12 @@ class LotionConfig:
         "qat" (round-to-nearest forward, straight-through backward), "ptq" (training untouched),
         "none" (capture and pass only; the node is the identity).
     format / block_size: the deployment format and its block ("row", "tensor", k columns, or
-        None for the format's default: int8 per row, int4 32, nvfp4 16, mxfp4 32).
+        None for the format's default: int8 per row, int4 32, nvfp4 16, mxfp4 32); torchao's
+        PerGroup(k), PerAxis(0) / PerRow() and PerTensor() are accepted and stored as k, "row", "tensor".
     lam: weight of the penalty (lam / 2) * sum g * sigma^2. With a curvature of the right scale
         (`gn_sampled`), lam = 1 is the second-order expansion of E[L(SR(w))].
     lam_warmup: optimizer steps (calls of `lotion_fx.curvature_step`) over which lam ramps linearly
-        from 0 (None: 500 for "gn_sampled", 0 for "ema"/"adam"; 0 = constant lam from the first step). Full strength from the start
+        from 0 (None: 500 for "gn_sampled"/"kfac_diag", 0 for "ema"/"adam"; 0 = constant lam from the first step). Full strength from the start
         snaps weights to the grid before they have settled (README: choosing the default). Only
         curvature_step advances it: without that call lam stays at its step-0 value.
     curvature: where g, the diagonal Gauss-Newton estimate, comes from.
@@ -40,10 +41,12 @@ class LotionConfig:
         "ema": EMA of squared task-loss (batch-mean) gradients, updated in the backward (no loop
         change; about a batch size too small, and zero when the fit is exact).
         "adam": the optimizer's exp_avg_sq, after `attach_optimizer` (same scale as "ema").
-    curvature_every: steps between two sampled-target backward passes of "gn_sampled".
+        "kfac_diag": factored, g_ij = (sum_m delta_mi^2) * mean_m x_mj^2 from the Linear's input x and
+        output gradient delta in the same sampled-target pass; state O(in + out) per layer.
+    curvature_every: steps between two sampled-target backward passes of "gn_sampled"/"kfac_diag".
     curvature_scale: multiplies g (1 = the estimator's own scale).
     beta: EMA decay of g (bias-corrected like Adam); None = 0.999 for "ema" (per step), 0.95 for
-        "gn_sampled" (per refresh).
+        "gn_sampled" and for each factor of "kfac_diag" (per refresh).
     grad_accum_steps: micro-batches per optimizer step; the loss is assumed divided by it, as in
         the usual accumulation loop. The penalty gradient is split across micro-steps so that it
         counts once per optimizer step, and the gradient fed to the EMA is rescaled to full size.
@@ -68,6 +71,7 @@ class LotionConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose one of {list(METHODS)}")
         get_format(self.format)
+        object.__setattr__(self, "block_size", as_block_spec(self.block_size))  # torchao PerGroup(32) -> 32
         if isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size < 1:
             raise ValueError(
                 f"block_size must be a positive int, 'row', 'tensor' or None, got {self.block_size!r}"

@@ -14,9 +14,11 @@ from tabulate import tabulate
 from torch import nn
 
 from lotion_fx.backends import torchao_export as X
+from lotion_fx.backends.packed_linear import pack_linears
 
 from .api import prepared_info, smoothed_weight, smoothers
 from .checks import check_finite_weights
+from .formats import FORMATS
 
 _REPORT = "_lotion_convert_report"
 
@@ -95,6 +97,24 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def owners_linear_first(root: nn.Module, names: list[str]) -> list[tuple[str, nn.Module, str]]:
+    """(name, owning module, attribute) for each name of a (tied) weight, an nn.Linear's first:
+    convert builds the torchao tensor for that one, the primary."""
+    found = [(n, *_owner(root, n)) for n in names]
+    return sorted(found, key=lambda f: not isinstance(f[1], nn.Linear))
+
+
+def placement(owner: nn.Module, leaf: str, transposed: bool, target: str) -> str:
+    """How convert hands a quantized weight to one of its owners: "conv1d" (a GPT-2 Conv1D becomes an
+    nn.Linear holding it), "shared" (the owner holds the torchao tensor) or "copy" (it gets a
+    dequantized full-size copy: an (in, out) matmul weight, or a module torchao cannot serve)."""
+    if transposed:
+        return "conv1d" if _is_conv1d(owner) and leaf == "weight" else "copy"
+    if isinstance(owner, nn.Linear) or (isinstance(owner, nn.Embedding) and target in X.EMBEDDING_OK):
+        return "shared"
+    return "copy"
+
+
 def _as_linear(root: nn.Module, path: str, conv: nn.Module, q: nn.Parameter) -> None:
     """Replace the Conv1D at `path` by an nn.Linear holding q (out, in): the same function."""
     lin = nn.Linear(q.shape[1], q.shape[0], bias=conv.bias is not None, device="meta")
@@ -122,16 +142,19 @@ def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn
     checked before the first change; unprepared layers are left as they are. A weight tied to a
     non-Linear module (e.g. an Embedding) is shared with it when the torchao class supports
     embedding lookups, else that module gets the dequantized weight (what quantized_eval used).
-    GPT-2 Conv1D layers become nn.Linear (same function, (out, in) quantized weight). The prepared
+    GPT-2 Conv1D layers become nn.Linear (same function, (out, in) quantized weight). A Linear holding
+    a LotionPackedTensor becomes a `PackedLinear` (an nn.Linear keeping the tensor's codes and scales
+    as buffers; `.weight` and the state dict still give the LotionPackedTensor) so torch.compile
+    sees plain tensors: see backends/packed_linear.py. The prepared
     handle refuses to run afterwards (it shares the frozen weights); a capture="dynamo" model is
     the original itself and comes back with plain Linear layers. NaN/Inf weights are refused.
     """
     info = prepared_info(prepared)
     orig = info.original
-    targets = {**X.DEFAULT_TARGETS, **(formats or {})}
-    unknown = set(formats or {}) - set(X.TARGETS)
+    targets = {name: f.default_torchao_target for name, f in FORMATS.items()} | dict(formats or {})
+    unknown = set(formats or {}) - set(FORMATS)
     if unknown:
-        raise ValueError(f"formats has unknown format names {sorted(unknown)}; known: {sorted(X.TARGETS)}")
+        raise ValueError(f"formats has unknown format names {sorted(unknown)}; known: {sorted(FORMATS)}")
     smooth = smoothers(prepared)
     check_finite_weights(((r.module_name, prepared.get_parameter(r.param_name)) for r in info.result.rewritten),
                          "lotion_fx.convert")
@@ -154,8 +177,7 @@ def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn
         if why is not None:
             problems.append(f"layer {rec.module_name!r} (format {sm.fmt}, device {w.device}): {why}")
             continue
-        names = [rec.param_name, *rec.aliases]
-        names.sort(key=lambda n: not isinstance(_owner(orig, n)[0], nn.Linear))  # a Linear's name first
+        names = [n for n, _, _ in owners_linear_first(orig, [rec.param_name, *rec.aliases])]
         plans.append(_Plan(names[0], names[1:], w, sm.fmt, sm.block, target, rec.transposed))
     if problems:
         raise ValueError("lotion_fx.convert changed nothing:\n  " + "\n  ".join(problems))
@@ -169,22 +191,19 @@ def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn
         tied, extra = [], 0
         for name in [p.name, *p.aliases]:
             owner, leaf = _owner(orig, name)
-            if p.transposed and _is_conv1d(owner) and leaf == "weight":
+            how = placement(owner, leaf, p.transposed, p.target)
+            if how == "conv1d":
                 _as_linear(orig, name.rpartition(".")[0], owner, q)
                 tied.append(f"{name} (Conv1D -> Linear)")
-            elif p.transposed:  # an (in, out) weight used by a plain matmul: RTN values, full size
-                deq = nn.Parameter(t.dequantize().to(p.weight.dtype).t(), requires_grad=p.weight.requires_grad)
-                setattr(owner, leaf, deq)
-                tied.append(f"{name} (dequantized copy, in x out)")
-                extra += X.nbytes(deq)
-            elif isinstance(owner, nn.Linear) or (isinstance(owner, nn.Embedding) and p.target in X.EMBEDDING_OK):
+            elif how == "shared":
                 setattr(owner, leaf, q)
                 if name != p.name:
                     tied.append(f"{name} (shared)")
-            else:
-                deq = nn.Parameter(t.dequantize().to(p.weight.dtype), requires_grad=p.weight.requires_grad)
+            else:  # RTN values at full size; an (in, out) weight used by a plain matmul stays (in, out)
+                deq = t.dequantize().to(p.weight.dtype)
+                deq = nn.Parameter(deq.t() if p.transposed else deq, requires_grad=p.weight.requires_grad)
                 setattr(owner, leaf, deq)
-                tied.append(f"{name} (dequantized copy)")
+                tied.append(f"{name} (dequantized copy{', in x out' if p.transposed else ''})")
                 extra += X.nbytes(deq)
         layers.append(LayerReport(p.name, p.fmt, p.block, p.target, tuple(p.weight.shape),
                                   X.nbytes(p.weight), X.nbytes(t) + extra, tied))
@@ -196,4 +215,5 @@ def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn
         release(orig)
     else:  # the prepared graph shares the now-frozen weights: refuse it (issue 12, item 7)
         prepared.register_forward_pre_hook(_refuse_after_convert)
+    pack_linears(orig)  # LotionPackedTensor Linears -> PackedLinear: no per-call subclass unwrapping when compiled
     return orig

@@ -81,10 +81,6 @@ def penalty_grad_rows(
     return R.penalty_grad(ext_w, ext_g, fmt, block, lam)[:-1].reshape(w.shape)
 
 
-def _needs_tensor_amax(sm: LotionSmoother) -> bool:
-    return sm.block == R.PER_TENSOR or R.get_format(sm.fmt).scale_rule == "nvfp4"
-
-
 @torch.no_grad()
 def _apply_after_reduction(
     sm: LotionSmoother, w: Tensor, grad: Tensor, g: Tensor, tensor_amax: Tensor | None = None
@@ -140,7 +136,7 @@ def _fsdp_hook(state: _SyncState, sm: LotionSmoother):
             return
         w, grad, g = p.to_local().detach(), p.grad.to_local(), sm.g.to_local()
         amax = None
-        if _needs_tensor_amax(sm):
+        if R.get_format(sm.fmt).needs_tensor_absmax(sm.block):
             amax = w.abs().amax().to(torch.float32) if w.numel() else torch.zeros((), device=w.device)
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group())
         _apply_after_reduction(sm, w, grad, g, amax)
@@ -167,11 +163,11 @@ def wrap(prepared: nn.Module, mode: str = "ddp") -> nn.Module:
         raise ValueError(f"unknown mode {mode!r}: choose one of {list(MODES)}")
     inner = _inner(prepared)
     info = prepared_info(inner)
-    if mode == "fsdp" and info.config.method == "lotion" and info.config.curvature == "gn_sampled":
+    if mode == "fsdp" and info.config.method == "lotion" and info.config.curvature in ("gn_sampled", "kfac_diag"):
         raise NotImplementedError(
-            "curvature='gn_sampled' (the default) is not supported under FSDP2 yet: its sampled backward "
-            "would see reduce-scattered (averaged) gradients, whose square is not the mean squared "
-            "gradient. Use wrap(..., mode='ddp'), or LotionConfig(curvature='ema') with FSDP2 (tested)"
+            f"curvature={info.config.curvature!r} is not supported under FSDP2 yet: its sampled backward "
+            "runs on sharded weights (for gn_sampled: reduce-scattered gradients, whose square is not the "
+            "mean squared gradient). Use wrap(..., mode='ddp'), or LotionConfig(curvature='ema') with FSDP2 (tested)"
         )
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return prepared

@@ -16,18 +16,19 @@ from .formats import (
     E4M3_MIN_SUBNORMAL,
     E8M0_MAX_EXP,
     E8M0_MIN_EXP,
+    PER_TENSOR,
     Format,
+    as_block_spec,
     get_format,
 )
-
-PER_TENSOR = 0  # block size meaning "one block for the whole tensor"
 
 
 # --------------------------------------------------------------------------- blocks
 def resolve_block(block_size: int | str | None, fmt: Format | str, in_features: int) -> int:
-    """Normalise a block-size spec to a column count (0 = per tensor), validating divisibility."""
+    """Normalise a block-size spec (or a torchao granularity) to a column count (0 = per tensor),
+    validating divisibility."""
     fmt = get_format(fmt)
-    spec = fmt.default_block if block_size is None else block_size
+    spec = fmt.default_block if block_size is None else as_block_spec(block_size)
     if spec == "row":
         return in_features
     if spec == "tensor":

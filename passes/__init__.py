@@ -2,17 +2,22 @@
 
 from .capture import CaptureError, export, normalize_example_inputs, symbolic_trace
 from .rewrite import (
-    RewriteResult, RewrittenWeight, SkippedOp, insert_smoothing_nodes, parameter_names, skip_pattern, verify,
+    PlannedWeight, RewritePlan, RewriteResult, RewrittenWeight, SkippedOp, apply_rewrite, insert_smoothing_nodes,
+    parameter_names, plan_rewrite, skip_pattern, verify,
 )
 
 __all__ = [
     "CaptureError",
+    "PlannedWeight",
+    "RewritePlan",
     "RewriteResult",
     "RewrittenWeight",
     "SkippedOp",
+    "apply_rewrite",
     "export",
     "insert_smoothing_nodes",
     "parameter_names",
+    "plan_rewrite",
     "skip_pattern",
     "normalize_example_inputs",
     "symbolic_trace",

@@ -4,9 +4,13 @@ Linear-like ops recognised: call_module nn.Linear, F.linear / aten.linear, and m
 matmul whose weight operand is a transposed parameter (what Linear decomposes into) or a
 parameter stored as (in, out) (Hugging Face's Conv1D: addmm(bias, x, W)). The smoothing node
 always sees the (out, in) matrix, so blocks run along in_features: an (in, out) weight is
-transposed around its smoothing node. Nothing else in the graph changes. Everything is checked
-before the first edit, so a bad layer raises with the graph untouched. Linear-like ops left
-alone for any reason but a `skip` pattern are reported in a warning that names them.
+transposed around its smoothing node. Nothing else in the graph changes.
+
+Two steps: `plan_rewrite` finds the weights and the ops left alone (and why) without editing
+anything, so audit and the CLI read the same plan prepare uses; `apply_rewrite` validates every
+layer, then inserts the nodes, so a bad layer raises with the graph untouched.
+`insert_smoothing_nodes` is the two in a row, plus one warning naming the Linear-like ops left
+alone for any reason but a `skip` pattern.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
 aten = torch.ops.aten
 
@@ -39,6 +43,19 @@ MATMUL_FUNCTIONS = {
 }
 TRANSPOSE_FUNCTIONS = {aten.t.default, aten.transpose.int, aten.permute.default, torch.t, torch.transpose}
 TRANSPOSE_METHODS = {"t", "transpose", "permute"}
+
+
+@dataclass
+class PlannedWeight:
+    """One parameter the rewrite would route through a smoothing node (nothing edited yet)."""
+
+    param_name: str
+    module_name: str
+    smoother: str  # qualified name the LotionSmoother submodule would get
+    shape: tuple[int, ...]
+    aliases: list[str] = field(default_factory=list)  # other names of a tied parameter
+    transposed: bool = False  # stored (in, out), as Hugging Face's Conv1D: smoothed as param.t()
+    nodes: list[str] = field(default_factory=list)  # the Linear-like ops it feeds, before the rewrite
 
 
 @dataclass
@@ -160,6 +177,34 @@ def _find_uses(gm: GraphModule, names: dict[int, str]) -> tuple[list[_Use], list
     return uses, skipped
 
 
+def _input_slot(node: Node) -> int | str | None:
+    """Where a Linear-like node takes its input x (argument index or keyword); None when x is not a
+    graph value or the op scales x W^T (addmm's alpha), so an observer could not see the Linear's input."""
+    if node.op == "call_module" or node.target in LINEAR_FUNCTIONS:
+        slot: int | str = 0 if node.args else "input"
+    else:
+        slot = MATMUL_FUNCTIONS[node.target] - 1  # x sits just before the weight operand
+        if node.kwargs.get("alpha", 1) != 1:
+            return None
+    x = node.args[slot] if isinstance(slot, int) and len(node.args) > slot else node.kwargs.get(str(slot))
+    return slot if isinstance(x, Node) else None
+
+
+def _insert_observers(graph: Graph, node: Node, smoother: Node, observe: tuple[Callable, Callable]) -> None:
+    """Feed node's input through observe[0](smoother, x) and its output through observe[1](smoother, y)."""
+    slot = _input_slot(node)
+    x = node.args[slot] if isinstance(slot, int) else node.kwargs[slot]
+    with graph.inserting_before(node):
+        obs_in = graph.call_function(observe[0], (smoother, x))
+    if isinstance(slot, int):
+        node.update_arg(slot, obs_in)
+    else:
+        node.update_kwarg(slot, obs_in)
+    with graph.inserting_after(node):
+        obs_out = graph.call_function(observe[1], (smoother, node))
+    node.replace_all_uses_with(obs_out, delete_user_cb=lambda user: user is not obs_out)
+
+
 def _insertion_point(gm: GraphModule) -> Node:
     for node in gm.graph.nodes:
         if node.op not in ("placeholder", "get_attr"):
@@ -187,80 +232,110 @@ def skip_pattern(skip: tuple[str, ...], param_names: list[str], module_name: str
     return next((pat for pat in skip if any(fnmatch.fnmatchcase(c, pat) for c in candidates)), None)
 
 
-def insert_smoothing_nodes(
-    gm: GraphModule,
-    *,
-    skip: tuple[str, ...],
-    resolve_block: Callable[[str, nn.Parameter], int],
-    make_smoother: Callable[[str, nn.Parameter, int, int], nn.Module],
-) -> RewriteResult:
-    """Rewrite gm in place; returns what was rewritten and what was left alone (and why).
+@dataclass
+class RewritePlan:
+    """What the rewrite of one graph would do: the weights it would smooth, in order, and the
+    Linear-like ops it leaves alone and why. Reading it edits nothing (audit and the CLI use it)."""
 
-    resolve_block(module_name, weight) validates the layer and returns its block size;
-    make_smoother(param_name, weight, block, index) builds the smoothing module.
-    """
+    weights: list[PlannedWeight]
+    skipped: list[SkippedOp]
+    _uses: list[_Use] = field(default_factory=list, repr=False)  # the graph nodes apply edits
+
+
+def plan_rewrite(gm: GraphModule, skip: tuple[str, ...]) -> RewritePlan:
+    """Find the Linear weights of gm to route through smoothing nodes, without editing gm."""
     names, aliases = parameter_names(gm)
-
     uses, skipped = _find_uses(gm, names)
     layouts: dict[int, set[bool]] = {}
     for use in uses:
         layouts.setdefault(id(use.param), set()).add(use.kind == "matmul_in_out")
 
-    # ---- plan and validate (no edits yet)
     kept: list[_Use] = []
-    plan: dict[int, RewrittenWeight] = {}
+    weights: dict[int, PlannedWeight] = {}
     for use in uses:
-        module_name = use.param_name.rpartition(".")[0]
         # A tied weight is skipped if any of its names (or the consuming module) matches.
         module = str(use.node.target) if use.kind == "module" else None
         pattern = skip_pattern(skip, [use.param_name, *aliases[id(use.param)]], module)
+        why = None
         if pattern is not None:
-            skipped.append(SkippedOp(use.node.name, _describe(use.node), use.param_name,
-                                     f"skipped by pattern {pattern!r}", warn=False))
+            why = f"skipped by pattern {pattern!r}"
+        elif use.param.dim() != 2:
+            why = f"weight has shape {tuple(use.param.shape)}, not 2-D"
+        elif len(layouts[id(use.param)]) > 1:
+            why = "parameter is used both as an (out, in) and as an (in, out) matrix"
+        if why is not None:
+            skipped.append(SkippedOp(use.node.name, _describe(use.node), use.param_name, why, warn=pattern is None))
             continue
-        if use.param.dim() != 2:
-            skipped.append(SkippedOp(use.node.name, _describe(use.node), use.param_name,
-                                     f"weight has shape {tuple(use.param.shape)}, not 2-D"))
-            continue
-        if len(layouts[id(use.param)]) > 1:
-            skipped.append(SkippedOp(use.node.name, _describe(use.node), use.param_name,
-                                     "parameter is used both as an (out, in) and as an (in, out) matrix"))
-            continue
-        transposed = use.kind == "matmul_in_out"
-        if id(use.param) not in plan:
-            block = resolve_block(module_name, use.param.t() if transposed else use.param)
-            plan[id(use.param)] = RewrittenWeight(
-                param_name=use.param_name, module_name=module_name,
-                smoother=f"{SMOOTHER_ROOT}.{use.param_name.replace('.', '_')}",
-                shape=tuple(use.param.shape), block=block, aliases=aliases[id(use.param)],
-                transposed=transposed,
+        if id(use.param) not in weights:
+            weights[id(use.param)] = PlannedWeight(
+                param_name=use.param_name, module_name=use.param_name.rpartition(".")[0],
+                smoother=f"{SMOOTHER_ROOT}.{use.param_name.replace('.', '_')}", shape=tuple(use.param.shape),
+                aliases=aliases[id(use.param)], transposed=use.kind == "matmul_in_out",
             )
+        weights[id(use.param)].nodes.append(use.node.name)
         kept.append(use)
-    _warn_skipped([s for s in skipped if s.warn])
-    if hasattr(gm, SMOOTHER_ROOT) and plan:
-        raise ValueError(f"the model already has an attribute {SMOOTHER_ROOT!r}; rename it to prepare")
+    return RewritePlan(list(weights.values()), skipped, kept)
 
-    # ---- edit
+
+def apply_rewrite(
+    gm: GraphModule,
+    plan: RewritePlan,
+    *,
+    resolve_block: Callable[[str, nn.Parameter], int],
+    make_smoother: Callable[[str, nn.Parameter, int, int], nn.Module],
+    observe: tuple[Callable, Callable] | None = None,
+) -> RewriteResult:
+    """Insert the smoothing nodes `plan` (from plan_rewrite(gm, ...)) lists; every layer is
+    validated by resolve_block before the first edit, so a bad layer raises with gm untouched.
+
+    resolve_block(module_name, weight) validates the layer and returns its block size;
+    make_smoother(param_name, weight, block, index) builds the smoothing module; observe, if given,
+    is (fn(smoother, x) -> x, fn(smoother, y) -> y), called on each consumer's input and output
+    (curvature="kfac_diag").
+    """
+    params = {u.param_name: u.param for u in plan._uses}
+    out_in = {w.param_name: params[w.param_name].t() if w.transposed else params[w.param_name]
+              for w in plan.weights}
+    records = [
+        RewrittenWeight(param_name=w.param_name, module_name=w.module_name, smoother=w.smoother,
+                        shape=w.shape, block=resolve_block(w.module_name, out_in[w.param_name]),
+                        aliases=list(w.aliases), transposed=w.transposed)
+        for w in plan.weights
+    ]
+    if hasattr(gm, SMOOTHER_ROOT) and records:
+        raise ValueError(f"the model already has an attribute {SMOOTHER_ROOT!r}; rename it to prepare")
+    blind = [u for u in plan._uses if _input_slot(u.node) is None] if observe is not None else []
+    if blind:
+        u = blind[0]
+        raise ValueError(
+            f"layer {u.param_name.rpartition('.')[0] or u.param_name!r} (node {u.node.name}, {_describe(u.node)}, weight "
+            f"{u.param_name}): curvature='kfac_diag' needs the Linear's input x, which this op does not take "
+            "as a plain graph value (or scales x W^T by alpha); use LotionConfig(curvature='gn_sampled'), "
+            "or skip the layer"
+        )
+
     graph = gm.graph
-    smoothed: dict[int, Node] = {}
+    smoothed: dict[str, Node] = {}
+    smoother_nodes: dict[str, Node] = {}
     anchor = _insertion_point(gm)
-    for index, (pid, rec) in enumerate(plan.items()):
-        first = next(u for u in kept if id(u.param) == pid)
-        param = first.param
-        gm.add_submodule(rec.smoother, make_smoother(rec.param_name, param.t() if rec.transposed else param,
-                                                     rec.block, index))
+    for index, rec in enumerate(records):
+        first = next(u for u in plan._uses if u.param_name == rec.param_name)
+        gm.add_submodule(rec.smoother, make_smoother(rec.param_name, out_in[rec.param_name], rec.block, index))
         with graph.inserting_before(anchor):
             w = graph.get_attr(rec.param_name)
             if rec.transposed:
                 # smooth param.t(), which is (out, in), and hand its transpose back to the matmul
                 t = aten.t.default if isinstance(first.node.target, torch._ops.OpOverload) else torch.t
                 s = graph.call_module(rec.smoother, (graph.call_function(t, (w,)),))
-                smoothed[pid] = graph.call_function(t, (s,))
+                smoothed[rec.param_name] = graph.call_function(t, (s,))
             else:
-                smoothed[pid] = graph.call_module(rec.smoother, (w,))
+                smoothed[rec.param_name] = graph.call_module(rec.smoother, (w,))
+            if observe is not None:  # the smoother module itself, handed to its observers
+                smoother_nodes[rec.param_name] = graph.get_attr(rec.smoother)
+    by_name = {r.param_name: r for r in records}
     orphans: list[Node] = []
-    for use in kept:
-        new_w = smoothed[id(use.param)]
+    for use in plan._uses:
+        new_w = smoothed[use.param_name]
         node = use.node
         if use.kind == "module":
             mod = gm.get_submodule(str(node.target))
@@ -287,18 +362,36 @@ def insert_smoothing_nodes(
                 t_new = graph.node_copy(t, lambda n: new_w if n is t.args[0] else n)
             node.update_arg(MATMUL_FUNCTIONS[node.target], t_new)
             orphans += [t, t.args[0]]
-        plan[id(use.param)].consumers.append(node.name)
+        if observe is not None:
+            _insert_observers(graph, node, smoother_nodes[use.param_name], observe)
+        by_name[use.param_name].consumers.append(node.name)
     for node in dict.fromkeys(orphans):  # ordered, deduplicated: transposes before their inputs
         if not node._erased and not node.users:
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
-    return RewriteResult(list(plan.values()), skipped)
+    return RewriteResult(records, list(plan.skipped))
+
+
+def insert_smoothing_nodes(
+    gm: GraphModule,
+    *,
+    skip: tuple[str, ...],
+    resolve_block: Callable[[str, nn.Parameter], int],
+    make_smoother: Callable[[str, nn.Parameter, int, int], nn.Module],
+    observe: tuple[Callable, Callable] | None = None,
+) -> RewriteResult:
+    """Rewrite gm in place (plan_rewrite, then apply_rewrite); returns what was rewritten and what
+    was left alone (and why), and warns once about the Linear-like ops left alone by accident."""
+    plan = plan_rewrite(gm, skip)
+    result = apply_rewrite(gm, plan, resolve_block=resolve_block, make_smoother=make_smoother, observe=observe)
+    _warn_skipped(plan.skipped)
+    return result
 
 
 def _warn_skipped(skipped: list[SkippedOp]) -> None:
     """One warning naming every Linear-like op left alone by accident."""
-    shown = skipped
+    shown = [s for s in skipped if s.warn]
     if shown:
         lines = "; ".join(f"{s.node} ({s.op}, weight {s.param_name or '-'}): {s.reason}" for s in shown)
         warnings.warn(f"lotion_fx left {len(shown)} Linear-like op(s) unquantized: {lines}. Pass "

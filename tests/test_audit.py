@@ -243,3 +243,18 @@ def test_bad_data_is_a_clear_error() -> None:
         lotion_fx.audit(prepared, data=[1, 2, 3])
     with pytest.raises(ValueError, match="no batches"):
         lotion_fx.audit(prepared, data=([], lambda m, b: 0))
+
+
+def test_bytes_export_is_what_convert_reports_per_layer() -> None:
+    """One rule for how convert hands a weight to its owners (shared, Conv1D -> Linear, dequantized
+    copy): the audit's bytes per layer equal convert's report, functional and (in, out) weights included."""
+    from test_core_prepare import Forms
+
+    for make in (Forms, tied_mlp):
+        torch.manual_seed(0)
+        prepared = lotion_fx.prepare(make(), CFG)
+        expected = lotion_fx.audit(prepared).layers
+        converted = lotion_fx.conversion_report(lotion_fx.convert(prepared)).layers
+        assert len(expected) == len(converted) == (6 if make is Forms else 3)
+        for l, r in zip(expected, converted):  # convert names a tied weight by its Linear owner (head.weight)
+            assert r.name in (l.param, *l.aliases) and r.bytes_after == l.bytes_export, (l.param, r.name)

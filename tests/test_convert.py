@@ -10,6 +10,7 @@ from torch import nn
 import lotion_fx
 from examples.gpt import GPT, GPTConfig
 from lotion_fx.backends import torchao_export as X
+from lotion_fx.backends.packed_linear import PackedLinear
 
 CFG = GPTConfig.preset("tiny", vocab_size=64, block_size=16)
 # (format, block, torchao class) for every format whose weight-only linear torchao runs on CPU.
@@ -79,8 +80,9 @@ def test_convert_matches_quantized_eval(fmt: str, block, target: str) -> None:
     assert deployed.blocks[1].mlp.proj.weight is untouched  # skipped layer stays as it was
     for rec in lotion_fx.prepared_info(prepared).result.rewritten:
         for name in [rec.param_name, *rec.aliases]:
-            if isinstance(deployed.get_submodule(name.rpartition(".")[0]), nn.Linear):
-                w = deployed.get_parameter(name)
+            owner = deployed.get_submodule(name.rpartition(".")[0])
+            if isinstance(owner, nn.Linear):
+                w = owner.weight  # a PackedLinear holds it as buffers: not a Parameter
                 assert type(w.data).__name__ == target, name
                 assert torch.equal(w.dequantize(), lotion_fx.fake_quantize(fp[name], fmt, X.block_spec(rec.block))), name
     # Tied weight: lm_head is a Linear; wte (an Embedding) shares it or holds RTN(w) exactly.
@@ -125,6 +127,29 @@ def test_state_dict_round_trip(fmt: str, block, target: str, tmp_path) -> None:
     assert type(fresh.blocks[0].attn.qkv.weight.data).__name__ == target
     with torch.no_grad():
         assert torch.equal(fresh(x), want)
+
+
+def test_packed_linear_takes_checkpoints_and_compiles_on_plain_tensors(tmp_path) -> None:
+    """convert's Linears keep codes and scales as plain buffers (a compiled forward unwraps no
+    subclass), load another converted model's checkpoint, and refuse a float weight clearly."""
+    model, x, _ = _model_and_batch(0)
+    deployed = lotion_fx.convert(_prepare(model, x, "int4", None)).eval()
+    assert isinstance(deployed.blocks[0].attn.qkv, PackedLinear)
+    assert not any(isinstance(p, X.LotionPackedTensor) for m in deployed.modules() if isinstance(m, nn.Linear)
+                   for p in m.parameters(recurse=False))
+    with torch.no_grad():
+        want = deployed(x)
+        assert torch.equal(torch.compile(deployed, backend="aot_eager", fullgraph=True)(x), want)
+    torch.save(deployed.state_dict(), tmp_path / "model.pt")
+
+    other = lotion_fx.convert(_prepare(_model_and_batch(1)[0], x, "int4", None)).eval()
+    with torch.no_grad():
+        assert not torch.equal(other(x), want)
+        other.load_state_dict(torch.load(tmp_path / "model.pt"))
+        assert torch.equal(other(x), want)
+    bad = dict(deployed.state_dict(), **{"blocks.0.attn.qkv.weight": torch.zeros(3 * 64, 64)})
+    with pytest.raises(RuntimeError, match="expected a LotionPackedTensor"):
+        other.load_state_dict(bad)
 
 
 def test_unsupported_layers_raise_before_any_change() -> None:
@@ -188,3 +213,37 @@ def test_nvfp4_linear_on_noncontiguous_3d_input() -> None:
         for inp in (h, ht):
             want = (inp.double() @ wq.double().T + lin.bias.double())
             torch.testing.assert_close(lin(inp).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, block, target, extra", [
+    ("int8", "row", "Int8Tensor", 0), ("int8", 16, "Int8Tensor", 0), ("nvfp4", 16, "NVFP4Tensor", 0),
+    ("nvfp4", 32, X.PACKED, 0), ("mxfp4", 32, "MXTensor", 0),
+    ("int4", 32, X.PACKED, 4),  # LotionPackedTensor keeps an fp32 tensor scale (1.0) for every format
+])
+def test_format_storage_facts_are_what_torchao_tensors_store(fmt, block, target, extra) -> None:
+    """Format.bits / scale_bytes / tensor_scale_bytes (the audit's ideal size) against the bytes of
+    the tensors torchao's own classes hold for the same weight; the target is one the format lists."""
+    from lotion_fx import reference as R
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    f = lotion_fx.get_format(fmt)
+    b = R.resolve_block(block, f, 64)
+    assert target in f.torchao_targets and f.default_torchao_target == f.torchao_targets[0]
+    ideal = f.export_bytes(w.numel(), R.block_scales(w, f, b).numel())
+    assert X.nbytes(X.to_torchao(w, fmt, b, target)) == ideal + extra
+
+
+@pytest.mark.parametrize("fmt", sorted(lotion_fx.FORMATS))
+@pytest.mark.parametrize("block", [16, 0])
+def test_needs_tensor_absmax_is_whether_other_rows_move_a_rows_scales(fmt, block) -> None:
+    """Format.needs_tensor_absmax (what a row-sharded weight must all-reduce), checked by behaviour:
+    does scaling up the other rows change row 0's block scales?"""
+    from lotion_fx import reference as R
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 64, dtype=torch.float64)
+    louder = w.clone()
+    louder[1:] *= 1000.0
+    moved = not torch.equal(R.block_scales(w, fmt, block)[0], R.block_scales(louder, fmt, block)[0])
+    assert lotion_fx.get_format(fmt).needs_tensor_absmax(block) == moved

@@ -210,3 +210,61 @@ def test_autocast_cpu_bf16_matches_eager(method):
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
     out.float().sum().backward()
     assert model.fc1.weight.grad.dtype == torch.float32 and torch.isfinite(model.fc1.weight.grad).all()
+
+
+class Planned(Forms):
+    """Forms plus two Linear-like ops the plan must leave alone: a 3-D weight and x @ x^T."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w3 = nn.Parameter(torch.randn(1, 32, 32) / 6)
+
+    def forward(self, ids: torch.Tensor) -> Pair:
+        out = super().forward(ids)
+        h = out.hidden
+        scores = torch.softmax(h @ h.transpose(-1, -2), -1)
+        return Pair(out.out, torch.matmul(h * scores.sum(-1, keepdim=True), self.w3))
+
+
+def test_plan_lists_weights_and_skips_without_editing_and_apply_gives_the_rewrite():
+    from lotion_fx import passes
+
+    torch.manual_seed(0)
+    model = Planned()
+    gm = passes.symbolic_trace(model)
+    code = gm.code
+    plan = passes.plan_rewrite(gm, skip=("fc",))
+    assert gm.code == code and not hasattr(gm, "lotion")  # planning edits nothing
+    # in graph order; the tied head is emb.weight (its first name), the Conv1D-style weight transposed
+    assert [(w.param_name, w.nodes, w.aliases, w.transposed) for w in plan.weights] == [
+        ("w_lin", ["linear"], [], False), ("w_mm", ["matmul"], [], False), ("w_addmm", ["addmm"], [], False),
+        ("w_in_out", ["matmul_1"], [], True), ("emb.weight", ["head"], ["head.weight"], False)]
+    assert plan.weights[-1].smoother == "lotion.emb_weight" and plan.weights[1].shape == (48, 32)
+    assert [(s.node, s.param_name, s.reason, s.warn) for s in plan.skipped] == [
+        ("matmul_2", None, "weight operand is not fed by a parameter", False),  # attention scores
+        ("fc", "fc.weight", "skipped by pattern 'fc'", False),
+        ("fc_1", "fc.weight", "skipped by pattern 'fc'", False),
+        ("matmul_3", "w3", "weight has shape (1, 32, 32), not 2-D", True)]
+
+    # apply inserts exactly what the one-call pass does (the graph, the records), shapes (out, in)
+    seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def resolve_block(name: str, w: torch.Tensor) -> int:
+        seen.append((name, tuple(w.shape)))
+        return 16
+
+    def identity(*_: object) -> nn.Module:
+        return nn.Identity()
+
+    result = passes.apply_rewrite(gm, plan, resolve_block=resolve_block, make_smoother=identity)
+    assert seen == [("", (32, 32)), ("", (48, 32)), ("", (32, 48)), ("", (32, 32)), ("emb", (10, 32))]
+    assert [(r.param_name, r.consumers, r.block) for r in result.rewritten] == [
+        ("w_lin", ["linear"], 16), ("w_mm", ["matmul"], 16), ("w_addmm", ["addmm"], 16),
+        ("w_in_out", ["matmul_1"], 16), ("emb.weight", ["linear_1"], 16)]
+    one_call = passes.symbolic_trace(model)
+    with pytest.warns(UserWarning, match=r"left 1 Linear-like op\(s\) unquantized: matmul_3 .*w3"):
+        expected = passes.insert_smoothing_nodes(one_call, skip=("fc",), resolve_block=lambda n, w: 16,
+                                                 make_smoother=identity)
+    assert gm.code == one_call.code and result == expected
+    ids = torch.randint(0, 10, (3, 5))
+    assert torch.equal(gm(ids).hidden, model(ids).hidden)

@@ -254,3 +254,34 @@ def test_codes_and_scales_equal_torchaos_own_symmetric_quantizer(fmt: str, qmax:
     torch.testing.assert_close(scales[nonzero], s.reshape(scales.shape)[nonzero], rtol=0, atol=0)
     deq = dequantize_affine(q, (1, k), s, z, torch.int8, **kw)
     assert torch.equal(lotion_fx.fake_quantize(w, fmt, block), deq)
+
+
+def test_torchao_granularities_as_block_size_mean_what_torchao_means() -> None:
+    """block_size=PerGroup(k) / PerAxis(0) / PerRow() / PerToken() / PerBlock((1, k)) / PerTensor():
+    codes and values equal torchao's symmetric quantizer at the block torchao derives from the same
+    granularity (get_block_size), and the config stores the plain spelling."""
+    from torchao.quantization.granularity import PerAxis, PerBlock, PerGroup, PerRow, PerTensor, PerToken
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+    from torchao.quantization.utils import get_block_size
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) * torch.rand(16, 1)
+    cases = [(PerGroup(32), 32), (PerBlock((1, 16)), 16), (PerAxis(0), "row"), (PerRow(), "row"),
+             (PerToken(), "row"), (PerTensor(), "tensor")]
+    for gran, plain in cases:
+        assert lotion_fx.LotionConfig(block_size=gran).block_size == plain
+        for fmt, qmax in (("int8", 127), ("int4", 7)):
+            bs = get_block_size(tuple(w.shape), gran)
+            kw = dict(quant_min=-qmax, quant_max=qmax)
+            s, z = choose_qparams_affine(w, MappingType.SYMMETRIC, bs, torch.int8,
+                                         eps=torch.finfo(torch.float32).tiny, **kw)
+            codes, _ = lotion_fx.quantize(w, fmt, gran)
+            assert torch.equal(codes.to(torch.int8), quantize_affine(w, bs, s, z, torch.int8, **kw)), (gran, fmt)
+            assert torch.equal(lotion_fx.fake_quantize(w, fmt, gran), lotion_fx.fake_quantize(w, fmt, plain))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    prepared = lotion_fx.prepare(model, lotion_fx.LotionConfig(block_size=PerGroup(16)))
+    assert lotion_fx.smoothers(prepared)["0.weight"].block == 16
+    # torchao's column granularities scale along out_features; ours run along in_features
+    for gran in (PerAxis(1), PerRow(0)):
+        with pytest.raises(ValueError, match=r"PerGroup\(k\), PerBlock\(\(1, k\)\), PerAxis\(0\)"):
+            lotion_fx.LotionConfig(block_size=gran)
