@@ -144,9 +144,9 @@ def sweep(x, ws, n, k, m, fmt, default_s) -> str:
     calls = op_calls(x, ws)
     res = []
     if m <= T.SUM_MAX_M:
-        bks = (256, 512) if fmt == "int8" else (256, 512, 1024)
-        cands = [(bn, bk, 4) for bn, bk in itertools.product((8, 16, 32), bks)] + [(32, 512, 8)]
-        for (bn, bk, w), split in itertools.product(cands, (1, 2, 4, 8)):
+        bks = (256, 512) if fmt == "int8" else (512, 1024)
+        cands = list(itertools.product((4, 8, 16, 32), bks, (4, 8)))
+        for (bn, bk, w), split in itertools.product(cands, (1, 2)):
             if split > 1 and triton_cdiv(k, bk) < split:
                 continue
             T.GEMV_OVERRIDE = (bn, bk, w, split)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks of the Triton weight-only kernels and the decode benchmark (issue 11), on the lent GPU:
+# GPU checks of the Triton weight-only kernels, the decode benchmark and its profile (issue 11), on the lent GPU:
 #   source scripts/device_setup.sh && bash scripts/gpu_decode.sh
 # Logs go to $OUT (or /tmp/gpu_decode). Each step has its own time limit so one slow step keeps the rest.
 set -u
@@ -14,3 +14,5 @@ timeout ${T_BENCH:-330} python3 benchmarks/bench_decode.py --budget-s ${BENCH_BU
   | grep -v "DEBUG\|Enum subclass" | tee "$out/bench_decode.log" | tail -25
 timeout ${T_CONVERT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_convert.py -k Lotion 2>&1 \
   | grep -v DEBUG | tee "$out/test_gpu_convert.txt" | tail -8
+timeout ${T_PROFILE:-200} python3 benchmarks/profile_decode.py --variants bf16,int4 2>&1 \
+  | grep -v "DEBUG\|Enum subclass" | tee "$out/profile_decode.txt" | tail -25
