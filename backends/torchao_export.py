@@ -187,7 +187,7 @@ class LotionPackedTensor(TorchAOBaseTensor):
     tensor_attribute_names = ["fmt", "block", "dtype"]
 
     def __new__(cls, qdata: Tensor, scale: Tensor, tensor_scale: Tensor, fmt: str, block: int, dtype: torch.dtype):
-        k = qdata.shape[1] * (1 if fmt == "int8" else 2)
+        k = qdata.shape[1] * get_format(fmt).codes_per_byte
         return torch.Tensor._make_wrapper_subclass(
             cls, (qdata.shape[0], k), dtype=dtype, device=qdata.device, requires_grad=False
         )

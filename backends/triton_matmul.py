@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lotion_fx.formats import get_format
+
 FMT_IDS = {"int8": 0, "int4": 1, "nvfp4": 2}
 INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 _E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -319,7 +321,7 @@ def check_operands(x: Tensor, qdata: Tensor, scale: Tensor, fmt: str) -> None:
     """Clear errors for inputs the kernels cannot take."""
     if fmt not in FMT_IDS:
         raise ValueError(f"unknown packed format {fmt!r}; choose one of {sorted(FMT_IDS)}")
-    k = qdata.shape[1] * (1 if fmt == "int8" else 2)
+    k = qdata.shape[1] * get_format(fmt).codes_per_byte
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features but the weight has in_features {k}")
     if k % scale.shape[1]:
