@@ -28,7 +28,8 @@ class PackedLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self._set_packed(weight)
-        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        self.register_parameter("bias", bias if bias is None or isinstance(bias, nn.Parameter)
+                                else nn.Parameter(bias, requires_grad=False))
 
     @classmethod
     def from_linear(cls, linear: nn.Module, weight: LotionPackedTensor) -> PackedLinear:
@@ -39,6 +40,18 @@ class PackedLinear(nn.Linear):
         for name in _INNER:
             self.register_buffer(name, getattr(w, name), persistent=False)
         self.fmt, self.block, self.weight_dtype = w.fmt, w.block, w.dtype
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # .to(dtype) / .half() must not cast the codes' scales (the dequantized values would change):
+        # the packed buffers follow device moves only; the weight's dtype (dequantize's output) follows.
+        packed = {id(getattr(self, n)) for n in _INNER}
+
+        def keep_packed(t: Tensor) -> Tensor:
+            out = fn(t)
+            return out if id(t) not in packed or out.dtype == t.dtype else t.to(device=out.device)
+
+        self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
+        return super()._apply(keep_packed, recurse)
 
     @property
     def weight(self) -> LotionPackedTensor:  # type: ignore[override]

@@ -147,6 +147,13 @@ def test_packed_linear_takes_checkpoints_and_compiles_on_plain_tensors(tmp_path)
         assert not torch.equal(other(x), want)
         other.load_state_dict(torch.load(tmp_path / "model.pt"))
         assert torch.equal(other(x), want)
+    # a dtype cast changes the activations' dtype, never the stored scales
+    scale = deployed.blocks[0].attn.qkv.scale.clone()
+    want16 = deployed.blocks[0].attn.qkv.weight.dequantize().to(torch.bfloat16)
+    other.to(torch.bfloat16)
+    assert torch.equal(other.blocks[0].attn.qkv.scale, scale) and other.blocks[0].attn.qkv.bias.dtype == torch.bfloat16
+    assert torch.equal(other.blocks[0].attn.qkv.weight.dequantize(), want16)
+    other.float()
     bad = dict(deployed.state_dict(), **{"blocks.0.attn.qkv.weight": torch.zeros(3 * 64, 64)})
     with pytest.raises(RuntimeError, match="expected a LotionPackedTensor"):
         other.load_state_dict(bad)
