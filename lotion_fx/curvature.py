@@ -138,11 +138,11 @@ def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, i
     names = [n for n in smooth if prepared.get_parameter(n).requires_grad]
     params = [prepared.get_parameter(n) for n in names]
     curvature = prepared_info(prepared).config.curvature
-    if any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for p in params):
+    sharded = any(type(p).__name__ == "DTensor" for p in params)  # FSDP2 (fully_shard)
+    if sharded and curvature == "kfac_diag":
         raise NotImplementedError(
-            f"curvature={curvature!r} does not support FSDP2-sharded weights yet (the sampled backward "
-            "would see reduce-scattered gradients); use LotionConfig(curvature='ema') with "
-            "lotion_fx.distributed.wrap(prepared, 'fsdp'), or DDP"
+            "curvature='kfac_diag' does not support FSDP2-sharded weights yet; use the default "
+            "curvature='gn_sampled' (or 'ema') with lotion_fx.distributed.wrap(prepared, 'fsdp'), or DDP"
         )
     factored = curvature == "kfac_diag"
     for sm in smooth.values():
@@ -155,12 +155,17 @@ def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, i
             pred = output_fn(out) if output_fn is not None else _logits(out)
             gen = torch.Generator(device=pred.device).manual_seed(R.mix_seed(R.mix_seed(seed, step), _rank()))
             target_loss = sampled_target_loss(pred, loss, gen) * math.sqrt(loss_scale)
-            grads = torch.autograd.grad(target_loss, params, allow_unused=True)
+            if sharded:
+                sq = _fsdp_squared_grads(prepared, params, target_loss)
+            else:
+                grads = torch.autograd.grad(target_loss, params, allow_unused=True)
     finally:
         for sm in smooth.values():
             sm.set_penalty_enabled(True)
             if factored:
                 sm.stop_observing()
+    if sharded:
+        grads = sq  # already squared and the same on every rank
     missing = [n for n, gr in zip(names, grads) if gr is None]
     if missing:
         warnings.warn(
@@ -174,11 +179,42 @@ def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, i
         for sm in live:
             sm.fold_observed()
         return
-    sq = [None if gr is None else gr.float().square() for gr in grads]
-    _all_reduce_mean([s for s in sq if s is not None])
+    if not sharded:
+        sq = [None if gr is None else gr.float().square() for gr in grads]
+        _all_reduce_mean([s for s in sq if s is not None])
     for name, s in zip(names, sq):
         if s is not None:  # in the smoother's (out, in) view of the weight
             smooth[name].fold_sampled(smoothed_weight(prepared, name, s))
+
+
+def _fsdp_squared_grads(prepared: nn.Module, params: list[Tensor], target_loss: Tensor) -> list[Tensor | None]:
+    """FSDP2: the backward reduce-scatters the ranks' sampled gradients into their mean, sharded by
+    rows. Each rank's targets are independent and zero-mean, so E[R * mean^2] = mean_r E[v_r^2] (what
+    DDP averages): unbiased, returned as full tensors, identical on every rank. The model's .grad
+    are restored afterwards."""
+    import torch.distributed as dist
+
+    everything = list(prepared.parameters())
+    saved = [p.grad for p in everything]
+    for p in everything:
+        p.grad = None
+    try:
+        target_loss.backward()
+        out: list[Tensor | None] = []
+        for p in params:
+            if p.grad is None:
+                out.append(None)
+            elif type(p.grad).__name__ != "DTensor":
+                raise RuntimeError(
+                    "curvature_step under FSDP2 needs the gradient reduction on: call it with "
+                    "set_requires_gradient_sync(True) (e.g. before the first micro-batch of a step)"
+                )
+            else:
+                out.append((p.grad.float().square() * dist.get_world_size()).full_tensor())
+        return out
+    finally:
+        for p, g in zip(everything, saved):
+            p.grad = g
 
 
 def _rank() -> int:

@@ -7,6 +7,10 @@ of g right after the gradient reduction: in a DDP communication hook, or in FSDP
 post-accumulate-grad hook on each sharded parameter. Under FSDP2, g is held as a DTensor sharded
 like its parameter (whole rows, so blocks along in_features are never split); the per-tensor amax
 that nvfp4 and per-tensor blocks need is all-reduced (one scalar per weight).
+The default `gn_sampled` needs none of this: its penalty runs in the graph with a g replicated on
+every rank (identical there, so the reduction keeps it), and curvature_step makes g the same
+everywhere (all-reduce of squared gradients under DDP; world size x the squared reduce-scattered
+mean under FSDP2). `kfac_diag` is refused under FSDP2.
 """
 
 import functools
@@ -163,11 +167,10 @@ def wrap(prepared: nn.Module, mode: str = "ddp") -> nn.Module:
         raise ValueError(f"unknown mode {mode!r}: choose one of {list(MODES)}")
     inner = _inner(prepared)
     info = prepared_info(inner)
-    if mode == "fsdp" and info.config.method == "lotion" and info.config.curvature in ("gn_sampled", "kfac_diag"):
+    if mode == "fsdp" and info.config.method == "lotion" and info.config.curvature == "kfac_diag":
         raise NotImplementedError(
-            f"curvature={info.config.curvature!r} is not supported under FSDP2 yet: its sampled backward "
-            "runs on sharded weights (for gn_sampled: reduce-scattered gradients, whose square is not the "
-            "mean squared gradient). Use wrap(..., mode='ddp'), or LotionConfig(curvature='ema') with FSDP2 (tested)"
+            "curvature='kfac_diag' is not supported under FSDP2 yet. Use the default curvature='gn_sampled' "
+            "(g replicated on every rank), or 'ema' (g sharded), with FSDP2, or wrap(..., mode='ddp')"
         )
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return prepared

@@ -99,7 +99,34 @@ def run_cases(rank: int, device: torch.device) -> dict:
         results[name] = D.full_state_dict(model)
         assert (results[name] == {}) == (rank != 0)
     results.update(_plain_ddp(rank, device, x[half], y[half]))
+    results.update(_fsdp_gn_sampled(rank, device, x[half], y[half]))
     return results
+
+
+GN_CFG = dict(block_size=16, curvature_every=1, lam_warmup=0, seed=3)
+
+
+def _fsdp_gn_sampled(rank: int, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The default curvature under lotion_fx.distributed.wrap(..., "fsdp"): g after the first refresh
+    and the full state after STEPS steps, as seen on each rank."""
+    torch.manual_seed(0)
+    prepared = lotion_fx.prepare(Net(), lotion_fx.LotionConfig(**GN_CFG)).to(device)
+    model = D.wrap(prepared, "fsdp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    first = None
+    for _ in range(STEPS):
+        lotion_fx.curvature_step(model, x, loss="mse")
+        if first is None:
+            first = {n: sm.g.detach().cpu().clone() for n, sm in lotion_fx.smoothers(prepared).items()}
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    state = D.full_state_dict(model)
+    g_final = {n: sm.g.detach().cpu().clone() for n, sm in lotion_fx.smoothers(prepared).items()}
+    firsts, finals = [None, None], [None, None]
+    dist.all_gather_object(firsts, first)
+    dist.all_gather_object(finals, g_final)
+    return {"fsdp-gn_sampled": (firsts, finals, state)}
 
 
 def _plain_ddp(rank: int, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -211,6 +238,29 @@ def test_plain_ddp_kfac_diag_is_identical_on_every_rank(distributed_results: dic
     assert int(a["lotion.fc1_weight.count"]) == STEPS and float(a["lotion.fc2_weight.kfac_out"].sum()) > 0
 
 
+def test_fsdp_default_curvature_is_the_mean_squared_sampled_gradient(distributed_results: dict) -> None:
+    """gn_sampled under FSDP2: the reduce-scattered mean gradient, squared times the world size, is
+    folded into a g replicated on every rank. Reference: each rank's sampled-target gradient computed
+    here in one process (same targets: seed mixed with step and rank), mean over ranks, squared, x2."""
+    firsts, finals, state = distributed_results["fsdp-gn_sampled"]
+    for a, b in ((firsts[0], firsts[1]), (finals[0], finals[1])):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(0)
+    prepared = lotion_fx.prepare(Net(), lotion_fx.LotionConfig(**GN_CFG))
+    x, _ = _data()
+    names = list(lotion_fx.smoothers(prepared))
+    params = [prepared.get_parameter(n) for n in names]
+    grads = []
+    for rank in range(2):
+        pred = prepared(x[rank * BATCH // 2:(rank + 1) * BATCH // 2])
+        gen = torch.Generator().manual_seed(R.mix_seed(R.mix_seed(3, 0), rank))
+        grads.append(torch.autograd.grad(lotion_fx.sampled_target_loss(pred, "mse", gen), params))
+    for n, g0, g1 in zip(names, *grads):
+        want = (1 - 0.95) * 2 * ((g0 + g1) / 2).square()  # one refresh: (1 - beta) x the estimate
+        torch.testing.assert_close(firsts[0][n].float(), want, rtol=1e-2, atol=1e-9)
+    assert int(state["lotion.fc1_weight.count"]) == STEPS and all(torch.isfinite(v).all() for v in finals[0].values())
+
+
 def test_plain_ddp_with_ema_curvature_is_refused(distributed_results: dict) -> None:
     err = distributed_results["plain-ddp-ema-error"]
     assert err is not None and "lotion_fx.distributed.wrap" in err
@@ -245,6 +295,7 @@ def test_single_process_passthrough_and_errors() -> None:
         D.wrap(Net())
     torch.manual_seed(0)
     default = lotion_fx.prepare(Net(), lotion_fx.LotionConfig(block_size=16))
+    factored = lotion_fx.prepare(Net(), lotion_fx.LotionConfig(block_size=16, curvature="kfac_diag"))
     with pytest.raises(NotImplementedError, match="not supported under FSDP2"):
-        D.wrap(default, "fsdp")
+        D.wrap(factored, "fsdp")
     assert D.wrap(default, "ddp") is default
