@@ -137,13 +137,26 @@ def curvature_step(
 def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, inputs, kwargs) -> None:
     names = [n for n in smooth if prepared.get_parameter(n).requires_grad]
     params = [prepared.get_parameter(n) for n in names]
+    if not any(type(p).__name__ == "DTensor" for p in params):
+        return _refresh_with(model, prepared, smooth, names, params, False, seed, step, loss, loss_scale,
+                             output_fn, inputs, kwargs)
+    # FSDP2 (fully_shard): the sampled backward writes .grad through FSDP's reduce-scatter, which can
+    # land after the backward returns; the user's gradients are put back once the refresh is over.
+    everything = list(prepared.parameters())
+    saved = [p.grad for p in everything]
+    for p in everything:
+        p.grad = None
+    try:
+        _refresh_with(model, prepared, smooth, names, params, True, seed, step, loss, loss_scale,
+                      output_fn, inputs, kwargs)
+    finally:
+        for p, g in zip(everything, saved):
+            p.grad = g
+
+
+def _refresh_with(model, prepared, smooth, names, params, sharded, seed, step, loss, loss_scale, output_fn,
+                  inputs, kwargs) -> None:
     curvature = prepared_info(prepared).config.curvature
-    sharded = any(type(p).__name__ == "DTensor" for p in params)  # FSDP2 (fully_shard)
-    if sharded and curvature == "kfac_diag":
-        raise NotImplementedError(
-            "curvature='kfac_diag' does not support FSDP2-sharded weights yet; use the default "
-            "curvature='gn_sampled' (or 'ema') with lotion_fx.distributed.wrap(prepared, 'fsdp'), or DDP"
-        )
     factored = curvature == "kfac_diag"
     for sm in smooth.values():
         sm.set_penalty_enabled(False)
@@ -156,7 +169,7 @@ def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, i
             gen = torch.Generator(device=pred.device).manual_seed(R.mix_seed(R.mix_seed(seed, step), _rank()))
             target_loss = sampled_target_loss(pred, loss, gen) * math.sqrt(loss_scale)
             if sharded:
-                sq = _fsdp_squared_grads(prepared, params, target_loss)
+                sq = _fsdp_squared_grads(params, target_loss)
             else:
                 grads = torch.autograd.grad(target_loss, params, allow_unused=True)
     finally:
@@ -165,7 +178,7 @@ def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, i
             if factored:
                 sm.stop_observing()
     if sharded:
-        grads = sq  # already squared and the same on every rank
+        grads = sq  # already squared and the same on every rank (kfac_diag: only which are missing)
     missing = [n for n, gr in zip(names, grads) if gr is None]
     if missing:
         warnings.warn(
@@ -187,34 +200,25 @@ def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, i
             smooth[name].fold_sampled(smoothed_weight(prepared, name, s))
 
 
-def _fsdp_squared_grads(prepared: nn.Module, params: list[Tensor], target_loss: Tensor) -> list[Tensor | None]:
+def _fsdp_squared_grads(params: list[Tensor], target_loss: Tensor) -> list[Tensor | None]:
     """FSDP2: the backward reduce-scatters the ranks' sampled gradients into their mean, sharded by
     rows. Each rank's targets are independent and zero-mean, so E[R * mean^2] = mean_r E[v_r^2] (what
-    DDP averages): unbiased, returned as full tensors, identical on every rank. The model's .grad
-    are restored afterwards."""
+    DDP averages): unbiased, returned as full tensors, identical on every rank."""
     import torch.distributed as dist
 
-    everything = list(prepared.parameters())
-    saved = [p.grad for p in everything]
-    for p in everything:
-        p.grad = None
-    try:
-        target_loss.backward()
-        out: list[Tensor | None] = []
-        for p in params:
-            if p.grad is None:
-                out.append(None)
-            elif type(p.grad).__name__ != "DTensor":
-                raise RuntimeError(
-                    "curvature_step under FSDP2 needs the gradient reduction on: call it with "
-                    "set_requires_gradient_sync(True) (e.g. before the first micro-batch of a step)"
-                )
-            else:
-                out.append((p.grad.float().square() * dist.get_world_size()).full_tensor())
-        return out
-    finally:
-        for p, g in zip(everything, saved):
-            p.grad = g
+    target_loss.backward()
+    out: list[Tensor | None] = []
+    for p in params:
+        if p.grad is None:
+            out.append(None)
+        elif type(p.grad).__name__ != "DTensor":
+            raise RuntimeError(
+                "curvature_step under FSDP2 needs the gradient reduction on: call it with "
+                "set_requires_gradient_sync(True) (e.g. before the first micro-batch of a step)"
+            )
+        else:
+            out.append((p.grad.float().square() * dist.get_world_size()).full_tensor())
+    return out
 
 
 def _rank() -> int:

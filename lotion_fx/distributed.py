@@ -10,7 +10,7 @@ that nvfp4 and per-tensor blocks need is all-reduced (one scalar per weight).
 The default `gn_sampled` needs none of this: its penalty runs in the graph with a g replicated on
 every rank (identical there, so the reduction keeps it), and curvature_step makes g the same
 everywhere (all-reduce of squared gradients under DDP; world size x the squared reduce-scattered
-mean under FSDP2). `kfac_diag` is refused under FSDP2.
+mean under FSDP2); so does `kfac_diag` (its factors' sums are averaged over ranks in both).
 """
 
 import functools
@@ -167,21 +167,16 @@ def wrap(prepared: nn.Module, mode: str = "ddp") -> nn.Module:
         raise ValueError(f"unknown mode {mode!r}: choose one of {list(MODES)}")
     inner = _inner(prepared)
     info = prepared_info(inner)
-    if mode == "fsdp" and info.config.method == "lotion" and info.config.curvature == "kfac_diag":
+    if info.config.method == "lotion" and info.config.curvature == "adam" and mode == "fsdp":
         raise NotImplementedError(
-            "curvature='kfac_diag' is not supported under FSDP2 yet. Use the default curvature='gn_sampled' "
-            "(g replicated on every rank), or 'ema' (g sharded), with FSDP2, or wrap(..., mode='ddp')"
+            "curvature='adam' reads the optimizer state of the whole parameter, which FSDP2 shards; "
+            "use LotionConfig(curvature='ema') or wrap(..., mode='ddp')"
         )
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return prepared
     cfg = info.config
     smooth = smoothers(inner)
     ema = {name: sm for name, sm in smooth.items() if cfg.method == "lotion" and cfg.curvature == "ema"}
-    if cfg.method == "lotion" and cfg.curvature == "adam" and mode == "fsdp":
-        raise NotImplementedError(
-            "curvature='adam' reads the optimizer state of the whole parameter, which FSDP2 shards; "
-            "use LotionConfig(curvature='ema') or wrap(..., mode='ddp')"
-        )
     tied = [r.param_name for r in info.result.rewritten if r.aliases and r.param_name in ema]
     if tied and dist.get_rank() == 0:
         warnings.warn(
