@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from . import reference as R
 from .api import prepared_info, smoothed_weight, smoothers
+from .smoother import advance_all, set_penalty_enabled_all
 
 LOSSES = ("cross_entropy", "mse")
 SAMPLED = ("gn_sampled", "kfac_diag")  # the estimators refreshed by curvature_step's sampled pass
@@ -129,8 +130,7 @@ def curvature_step(
             )
         _refresh(model, prepared, smooth, cfg.seed, step, loss, loss_scale, output_fn,
                  inputs, kwargs)
-    for sm in smooth.values():
-        sm.advance()
+    advance_all(list(smooth.values()))
     return refresh
 
 
@@ -158,8 +158,8 @@ def _refresh_with(model, prepared, smooth, names, params, sharded, seed, step, l
                   inputs, kwargs) -> None:
     curvature = prepared_info(prepared).config.curvature
     factored = curvature == "kfac_diag"
+    set_penalty_enabled_all(list(smooth.values()), False)
     for sm in smooth.values():
-        sm.set_penalty_enabled(False)
         if factored:
             sm.start_observing()
     try:
@@ -173,8 +173,8 @@ def _refresh_with(model, prepared, smooth, names, params, sharded, seed, step, l
             else:
                 grads = torch.autograd.grad(target_loss, params, allow_unused=True)
     finally:
+        set_penalty_enabled_all(list(smooth.values()), True)
         for sm in smooth.values():
-            sm.set_penalty_enabled(True)
             if factored:
                 sm.stop_observing()
     if sharded:
