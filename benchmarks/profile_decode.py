@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 import time
-from collections import defaultdict
 
 import torch
 from tabulate import tabulate
@@ -21,17 +20,14 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_decode as B  # noqa: E402
+from profile_train_step import kernel_times  # noqa: E402
 
 
 def kernel_table(prof, steps: int, top: int) -> tuple[float, float, list]:
     """(kernel us per step, kernels per step, top rows) from a profile's device events."""
-    agg: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            agg[e.name][0] += 1
-            agg[e.name][1] += e.device_time
-    total = sum(v[1] for v in agg.values()) / steps
-    count = sum(v[0] for v in agg.values()) / steps
+    agg = kernel_times(prof, "cuda")
+    total = sum(t for _, t in agg.values()) / steps
+    count = sum(c for c, _ in agg.values()) / steps
     rows = sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]
     return total, count, [[n[:70], f"{c / steps:.1f}", f"{t / steps:.1f}"] for n, (c, t) in rows]
 

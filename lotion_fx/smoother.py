@@ -195,14 +195,6 @@ class LotionSmoother(nn.Module):
             self._host_steps = int(self.steps)
         return self._host_steps
 
-    def advance(self) -> None:
-        """One optimizer step passed: move lam along its warm-up schedule."""
-        advance_all([self])
-
-    def set_penalty_enabled(self, enabled: bool) -> None:
-        """Off for the sampled-target backward of curvature_step: its gradient must be the task's alone."""
-        set_penalty_enabled_all([self], enabled)
-
     @torch.no_grad()
     def fold_sampled(self, grad_sq: Tensor) -> None:
         """g <- beta g + (1 - beta) grad_sq, count += 1 (grad_sq: a sampled-target squared gradient)."""
