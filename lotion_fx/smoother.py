@@ -19,7 +19,8 @@ from .config import LotionConfig
 G_DTYPE = {"gn_sampled": torch.bfloat16, "ema": torch.float32}
 
 
-def _data_parallel() -> bool:
+def data_parallel() -> bool:
+    """True under an initialized process group of more than one rank."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -196,15 +197,6 @@ class LotionSmoother(nn.Module):
         return self._host_steps
 
     @torch.no_grad()
-    def fold_sampled(self, grad_sq: Tensor) -> None:
-        """g <- beta g + (1 - beta) grad_sq, count += 1 (grad_sq: a sampled-target squared gradient)."""
-        beta = self.config.beta
-        new = beta * self.g.float() + (1.0 - beta) * grad_sq.float()
-        if self.g.dtype == torch.bfloat16:
-            new = R.to_bfloat16_stochastic(new, self.seed, self.count)
-        self.g.copy_(new)
-        self.count.add_(1)
-
     # ------------------------------------------------------------------ kfac_diag observers
     @torch.no_grad()
     def start_observing(self) -> None:
@@ -264,7 +256,7 @@ class LotionSmoother(nn.Module):
         if curv is None:
             return w
         g, count, beta, update = curv
-        if update and _data_parallel():
+        if update and data_parallel():
             raise RuntimeError(
                 f"{self.param_name}: curvature='ema' folds each rank's *local* gradient into g, so plain "
                 "DistributedDataParallel / fully_shard would train differently from one process. Wrap "
@@ -302,6 +294,43 @@ def advance_all(smoothers: list[LotionSmoother]) -> None:
         if sm._lam_at(n) != sm._lam_at(n - 1):  # after the warm-up: nothing to write
             moved.append((sm.lam_now, sm._lam_at(n)))
     _fill_all(moved)
+
+
+def _fold_math(gs: list[Tensor], grads: list[Tensor], seeds: list[int], counts: list[Tensor], beta: float,
+               square: bool) -> list[Tensor]:
+    """beta g + (1 - beta) grad^2 (grad already squared unless `square`), bf16 g stochastically rounded."""
+    out = []
+    for g, gr, seed, count in zip(gs, grads, seeds, counts):
+        sq = gr.float().square() if square else gr.float()
+        new = beta * g.float() + (1.0 - beta) * sq
+        out.append(R.to_bfloat16_stochastic(new, seed, count) if g.dtype == torch.bfloat16 else new)
+    return out
+
+
+# On CUDA the fold runs compiled: eager, the counter-based noise alone is ~20 int64 kernels per weight
+# (64 ms per refresh on GPT-2 124M, H100: benchmarks/profile_refresh.py); fused it reads each gradient
+# and g once. Compiled lazily: importing lotion_fx compiles nothing.
+_FOLD_COMPILED: Any = None
+
+
+@torch.no_grad()
+def fold_sampled_all(pairs: list[tuple["LotionSmoother", Tensor]], square: bool, compiled: bool | None = None) -> None:
+    """For each (smoother, sampled gradient in its (out, in) view): g <- beta g + (1 - beta) grad^2,
+    count += 1. `square=False`: the gradients are squared already (averaged over ranks). `compiled`:
+    None = on CUDA only."""
+    global _FOLD_COMPILED
+    if not pairs:
+        return
+    gs = [sm.g for sm, _ in pairs]
+    counts = [sm.count for sm, _ in pairs]
+    fold = _fold_math
+    if compiled if compiled is not None else gs[0].is_cuda:
+        if _FOLD_COMPILED is None:
+            _FOLD_COMPILED = torch.compile(_fold_math, fullgraph=True, dynamic=False)
+        fold = _FOLD_COMPILED
+    new = fold(gs, [gr for _, gr in pairs], [sm.seed for sm, _ in pairs], counts, pairs[0][0].config.beta, square)
+    torch._foreach_copy_(gs, new)
+    torch._foreach_add_(counts, 1)
 
 
 @torch.no_grad()

@@ -78,6 +78,30 @@ def test_gn_sampled_is_unbiased_for_the_exact_gn_diagonal(loss, shape, lam) -> N
         assert torch.equal(p, before[n]) and p.grad is None, n
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sampled_cross_entropy_is_f_cross_entropy_at_labels_drawn_from_softmax(dtype) -> None:
+    """Value and gradient are F.cross_entropy's (summed, / sqrt(N)) at the labels it drew, and the
+    labels follow softmax(logits): frequencies over 6000 rows within 4 standard errors."""
+    base = torch.tensor([2.0, 0.0, -1.0, 1.0, -3.0], dtype=torch.float64)
+    logits = base.repeat(6000, 1).reshape(6, 1000, 5).to(dtype).requires_grad_()
+    got = lotion_fx.sampled_target_loss(logits, "cross_entropy", torch.Generator().manual_seed(3))
+    (g_got,) = torch.autograd.grad(2.0 * got, logits)
+    flat = logits.detach().double().reshape(-1, 5)
+    labels = g_got.reshape(-1, 5).argmin(-1)  # the one entry p - 1 < 0
+    ref_in = flat.clone().requires_grad_()
+    ref = F.cross_entropy(ref_in, labels, reduction="sum") / math.sqrt(6000)
+    (g_ref,) = torch.autograd.grad(2.0 * ref, ref_in)
+    tol = 1e-6 if dtype == torch.float64 else 1e-2
+    assert float(got.detach()) == pytest.approx(float(ref), rel=1e-5)
+    assert g_got.dtype == dtype and g_got.shape == logits.shape
+    torch.testing.assert_close(g_got.double().reshape(-1, 5), g_ref, rtol=tol, atol=tol * 1e-3)
+    p = flat[0].softmax(-1)
+    freq = torch.bincount(labels, minlength=5).double() / 6000
+    assert bool(((freq - p).abs() <= 4 * (p * (1 - p) / 6000).sqrt() + 1e-9).all()), (freq, p)
+    again = lotion_fx.sampled_target_loss(logits, "cross_entropy", torch.Generator().manual_seed(3))
+    assert torch.equal(torch.autograd.grad(again, logits)[0], g_got / 2)  # reproducible from the generator
+
+
 # --------------------------------------------------------------------------- kfac_diag
 class Conv1DMLP(nn.Module):
     """A GPT-2 Conv1D-style (in, out) weight used as addmm(bias, x, W), then an nn.Linear."""
@@ -407,3 +431,40 @@ def test_bf16_stochastic_rounding_keeps_a_slow_ema_unbiased() -> None:
         sr = R.to_bfloat16_stochastic(beta * sr.float() + (1 - beta) * target.float(), 7, step)
     assert float(rtn.double().mean()) == 1.0  # stalled: every increment rounded away
     assert float(sr.double().mean()) == pytest.approx(float(exact.mean()), rel=2e-3)
+
+
+def test_compiled_fold_is_the_eager_fold() -> None:
+    """fold_sampled_all runs compiled on CUDA (one fused kernel per weight): same g as the eager fold
+    (within one bf16 ulp, where a fused multiply-add moves the value before stochastic rounding), and
+    every refresh still counted. Checked here through Inductor's CPU backend."""
+    from lotion_fx.smoother import fold_sampled_all
+
+    torch.manual_seed(0)
+    prepared = lotion_fx.prepare(MLP(), lotion_fx.LotionConfig(format="int4", block_size=16))
+    x = torch.randn(32, 16)
+    lotion_fx.curvature_step(prepared, x)  # g holds one refresh
+    eager, comp = copy.deepcopy(prepared), copy.deepcopy(prepared)
+    grads = {n: torch.randn_like(p) for n, p in prepared.named_parameters() if n in lotion_fx.smoothers(prepared)}
+    for model, compiled in ((eager, False), (comp, True)):
+        sm = lotion_fx.smoothers(model)
+        fold_sampled_all([(sm[n], g) for n, g in grads.items()], square=True, compiled=compiled)
+    for n in grads:
+        a, b = lotion_fx.smoothers(eager)[n], lotion_fx.smoothers(comp)[n]
+        assert int(a.count) == int(b.count) == 2
+        ulp = a.g.float().abs() * 2.0**-7
+        assert bool(((a.g.float() - b.g.float()).abs() <= ulp).all()), n
+        assert float((a.g != b.g).float().mean()) < 0.05, n  # the same noise: almost every value identical
+
+
+def test_compiled_sampled_cross_entropy_is_the_eager_one() -> None:
+    """On CUDA the sampled cross-entropy runs compiled (fused passes over the logits): the same labels
+    and, up to float reassociation, the same value and gradient as eager (Inductor's CPU backend)."""
+    from lotion_fx.curvature import _sampled_cross_entropy
+
+    logits = torch.randn(64, 37) * 2
+    key = torch.tensor(12345)
+    v0, g0 = _sampled_cross_entropy(logits, key)
+    v1, g1 = torch.compile(_sampled_cross_entropy, fullgraph=True)(logits, key)
+    assert torch.equal(g0.argmin(-1), g1.argmin(-1))
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
