@@ -12,9 +12,11 @@ Storage (one layout per format; `pack` builds it from `reference.quantize`'s cod
 
 Dequantization is `(code_f32 * scale_f32).to(dtype)` with nvfp4's scale `e4m3_f32 * tensor_scale`:
 the same float operations as `reference.fake_quantize`, so the weight the kernels multiply by is
-bit-exact to what `quantized_eval` uses. M <= 4: a GEMV with fp32 multiply + tl.sum (one scale load per
-(row, group), even/odd columns decoded separately); 4 < M <= 16: split-K tl.dot; M > 16: dequantize
-to x's dtype in one pass, then F.linear (cuBLAS). Measured in docs/deploy_kernels.md.
+bit-exact to what `quantized_eval` uses. M <= 4: `_gemv3_kernel` (the default, `GEMV_KERNEL = "v3"`:
+int32-word loads, elementwise fp32 accumulation, one reduction per program) or `_gemv_kernel` (v2: fp32
+multiply + tl.sum per tile, even/odd columns decoded separately; v3's fallback); 4 < M <= 16: split-K
+tl.dot; M > 16: dequantize to x's dtype in one pass, then F.linear (cuBLAS). Measured in
+docs/deploy_kernels.md.
 `weight_only_linear` is a `torch.library.triton_op`, so torch.compile (and CUDA graphs) trace it
 without a graph break; `linear_reference` is the plain-torch path (CPU) and the tests' reference.
 """
@@ -207,6 +209,260 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm, 
     tl.store(out, _round_to(acc, o_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (offs_n[None, :] < N))
 
 
+# ----------------------------------------------------------------------------- GEMV v3 (M <= 4)
+# v2 above loads bytes (int16 words for int8) in a 3-D tile, loads x's even / odd columns with stride-2 loads
+# (one load per weight and row), rounds with a scalar F2F per weight and reduces across threads per tile.
+# v3: each thread owns R consecutive int32 words of a row (one 16-byte load for int4 / int8, R = 4: 32 / 16
+# codes) for BLOCK_N rows, and the x columns those words hold (16-byte loads, shared by the BLOCK_N rows);
+# code i of a word is column CPW * word + i (CPW = 8 nibbles or 4 int8 codes), so no interleave is needed.
+# Per weight: one PRMT (int4 / int8 decode), FADD (magic number), FMUL (scale), one rounding op and one FFMA
+# into a per-thread accumulator; one cross-thread reduction per program at the end. No layout conversion
+# in the loop: the word index along the thread axis is marked non-contiguous so that Triton gives the
+# weight, scale and x loads the same thread mapping (checked on the sm_90 TTGIR / SASS).
+@triton.jit
+def _codes3(v, FMT: tl.constexpr):
+    """Codes of the int32 words v (code + 8 nibbles, int8 codes or E2M1 nibbles) as exact fp32: a tuple whose
+    element i holds column CPW * word + i. int4: byte j of v & 0x0F0F0F0F (v >> 4 & 0x0F0F0F0F) is nibble 2j
+    (2j + 1); one PRMT puts it under the exponent of 2^23, then minus 2^23 + 8. int8: v ^ 0x80808080 makes each
+    byte code + 128, then the same trick. nvfp4: sign and E2M1 bits moved to fp32 bits 31 and 22..24, times 2^126
+    (exact; e = 0 is a subnormal: m / 2)."""
+    if FMT == 1:
+        if INTERPRET:  # the interpreter has no inline asm: the same bits with shifts
+            lo = v & 0x0F0F0F0F
+            hi = (v >> 4) & 0x0F0F0F0F
+            return (_magic(lo, 0, 8388616.0), _magic(hi, 0, 8388616.0), _magic(lo, 8, 8388616.0),
+                    _magic(hi, 8, 8388616.0), _magic(lo, 16, 8388616.0), _magic(hi, 16, 8388616.0),
+                    _magic(lo, 24, 8388616.0), _magic(hi, 24, 8388616.0))
+        else:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 lo, hi;
+                and.b32 lo, $8, 0x0F0F0F0F;
+                shr.u32 hi, $8, 4;
+                and.b32 hi, hi, 0x0F0F0F0F;
+                prmt.b32 $0, lo, 0x4B000000, 0x7650;
+                prmt.b32 $1, hi, 0x4B000000, 0x7650;
+                prmt.b32 $2, lo, 0x4B000000, 0x7651;
+                prmt.b32 $3, hi, 0x4B000000, 0x7651;
+                prmt.b32 $4, lo, 0x4B000000, 0x7652;
+                prmt.b32 $5, hi, 0x4B000000, 0x7652;
+                prmt.b32 $6, lo, 0x4B000000, 0x7653;
+                prmt.b32 $7, hi, 0x4B000000, 0x7653;
+                sub.f32 $0, $0, 0f4B000008;
+                sub.f32 $1, $1, 0f4B000008;
+                sub.f32 $2, $2, 0f4B000008;
+                sub.f32 $3, $3, 0f4B000008;
+                sub.f32 $4, $4, 0f4B000008;
+                sub.f32 $5, $5, 0f4B000008;
+                sub.f32 $6, $6, 0f4B000008;
+                sub.f32 $7, $7, 0f4B000008;
+                }""",
+                "=r,=r,=r,=r,=r,=r,=r,=r,r", [v], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    elif FMT == 0:
+        if INTERPRET:
+            u = v ^ -0x7F7F7F80  # 0x80808080
+            return (_magic(u, 0, 8388736.0), _magic(u, 8, 8388736.0), _magic(u, 16, 8388736.0),
+                    _magic(u, 24, 8388736.0))
+        else:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 u;
+                xor.b32 u, $4, 0x80808080;
+                prmt.b32 $0, u, 0x4B000000, 0x7650;
+                prmt.b32 $1, u, 0x4B000000, 0x7651;
+                prmt.b32 $2, u, 0x4B000000, 0x7652;
+                prmt.b32 $3, u, 0x4B000000, 0x7653;
+                sub.f32 $0, $0, 0f4B000080;
+                sub.f32 $1, $1, 0f4B000080;
+                sub.f32 $2, $2, 0f4B000080;
+                sub.f32 $3, $3, 0f4B000080;
+                }""",
+                "=r,=r,=r,=r,r", [v], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        return (_e2m1_at(v, 0), _e2m1_at(v, 1), _e2m1_at(v, 2), _e2m1_at(v, 3), _e2m1_at(v, 4), _e2m1_at(v, 5),
+                _e2m1_at(v, 6), _e2m1_at(v, 7))
+
+
+@triton.jit
+def _magic(w, SH: tl.constexpr, SUB: tl.constexpr):
+    """Byte SH / 8 of w (a value 0..255) as exact fp32: under the exponent of 2^23, minus SUB."""
+    return (((w >> SH) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - SUB
+
+
+@triton.jit
+def _e2m1_at(v, i: tl.constexpr):
+    """E2M1 nibble i of the int32 words v as fp32: sign to bit 31, e and m to bits 22..24, times 2^126."""
+    t = v << (28 - 4 * i) if i < 7 else v
+    bits = (t >> 6) & -0x7E400000  # 0x81C00000; >> is arithmetic: bits 25..30 copies of the sign, masked off
+    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37
+
+
+@triton.jit
+def _scale3(sraw, ts, FMT: tl.constexpr):
+    """Loaded scales as fp32: nvfp4's E4M3 bits -> fp32 (bits << 20 times 2^120, exact, subnormal too) times
+    tensor_scale; int4 / int8 scales are fp32 already."""
+    if FMT == 2:
+        e4m3 = ((sraw.to(tl.int32) & 0x7F) << 20).to(tl.float32, bitcast=True) * 1.329227995784916e36
+        return e4m3 * ts
+    else:
+        return sraw
+
+
+@triton.jit
+def _round3(u, OUT: tl.constexpr, ROUND: tl.constexpr, I: tl.constexpr):
+    """(u rounded to OUT) as fp32, exactly `_round_to(u, OUT).to(fp32)`. For bf16, ROUND 0: Triton's cast (a
+    scalar F2F, then a shift); 1: `cvt.rn.bf16x2.f32 d, u, 0`, whose result is the fp32 bits of the rounded
+    value (one F2FP); 2: Veltkamp's split, three FP32 ops and no conversion unit: g = u * 2^16 + u, then
+    g + (u - g): round-to-nearest-even like cvt for |u| in [2^-126, 2^111) (exhaustive on three binades, and
+    the ops scale exactly between them), not for subnormal or larger weights; 3: code I of a word by 2 where
+    I % 4 == 3, else by 1 (to balance the conversion and FMA pipes). fp16 always uses Triton's cast (already a
+    packed F2FP + HADD2.F32)."""
+    if OUT == tl.float32:
+        return u
+    elif (ROUND == 2 or (ROUND == 3 and I % 4 == 3)) and OUT == tl.bfloat16:
+        if INTERPRET:
+            g = u * 65536.0 + u
+            return g + (u - g)
+        else:  # .rn: no contraction into FMAs
+            return tl.inline_asm_elementwise(
+                "{ .reg .f32 g, d; fma.rn.f32 g, $1, 0f47800000, $1; sub.rn.f32 d, $1, g; add.rn.f32 $0, g, d; }",
+                "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1)
+    elif ROUND % 2 == 1 and OUT == tl.bfloat16 and not INTERPRET:
+        return tl.inline_asm_elementwise("{ .reg .f32 z; mov.f32 z, 0f00000000; cvt.rn.bf16x2.f32 $0, $1, z; }",
+                                         "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return _round_to(u, OUT).to(tl.float32)
+
+
+@triton.jit
+def _split_last(t, CH: tl.constexpr):
+    """(1, R, G, CH) with the last axis inside one thread -> tuple of CH (1, R, G) fp32: element c is t[..., c]."""
+    A: tl.constexpr = t.shape[0]
+    B: tl.constexpr = t.shape[1]
+    C: tl.constexpr = t.shape[2]
+    t = t.to(tl.float32)
+    e, o = tl.split(tl.reshape(t, (A, B, C, CH // 2, 2)))  # even / odd c
+    if CH == 2:
+        return e.reshape(A, B, C), o.reshape(A, B, C)
+    elif CH == 4:
+        x0, x2 = tl.split(e)
+        x1, x3 = tl.split(o)
+        return x0, x1, x2, x3
+    else:
+        e0, e1 = tl.split(tl.reshape(e, (A, B, C, 2, 2)))  # e holds c = 0, 2, 4, 6: e0 = (0, 4), e1 = (2, 6)
+        o0, o1 = tl.split(tl.reshape(o, (A, B, C, 2, 2)))
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _xrow3(x_ptr, xk, lim, CPW: tl.constexpr, CH: tl.constexpr, MASK: tl.constexpr):
+    """One row of x at columns xk + c (xk: (1, R, G, CH), first column of each word, c < CH) in CPW // CH
+    16-byte loads: a tuple of CPW (1, R, G) fp32, element i = column CPW * word + i. MASK: columns >= lim read 0.
+    evict_last: every program reads x, keep it in L1 (the weights stream past with evict_first)."""
+    if MASK:
+        a = _split_last(tl.load(x_ptr + xk, mask=xk < lim, other=0.0, eviction_policy="evict_last"), CH)
+    else:
+        a = _split_last(tl.load(x_ptr + xk, eviction_policy="evict_last"), CH)
+    if CPW == CH:
+        return a
+    else:  # fp32 x and 8 codes per word: two 16-byte loads per word
+        xk = xk + CH
+        if MASK:
+            b = _split_last(tl.load(x_ptr + xk, mask=xk < lim, other=0.0, eviction_policy="evict_last"), CH)
+        else:
+            b = _split_last(tl.load(x_ptr + xk, eviction_policy="evict_last"), CH)
+        return a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]
+
+
+@triton.jit
+def _rowsum(acc):
+    """(BLOCK_N, R, G) -> (BLOCK_N,): the in-thread axis R first, then across threads."""
+    return tl.sum(tl.sum(acc, axis=1), axis=1)
+
+
+@triton.jit
+def _gemv3_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_qn, stride_sn, iters_per,
+                  FMT: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr, GW: tl.constexpr,
+                  ROUND: tl.constexpr, EVEN: tl.constexpr):
+    """M <= BM <= 4 rows, the weight as int32 words (q_ptr, stride_qn in words): o[m, n] = sum_k x[m, k] W[n, k].
+    Program (pid_n, pid_k) owns BLOCK_N rows and iters_per tiles of BLOCK_W words; a thread holds R consecutive
+    words (sharing one scale: GW = words per scale group, a multiple of R, or 0 for one scale per row) of each
+    of its rows, accumulates elementwise in fp32 and reduces once at the end. EVEN: BLOCK_W divides K's words
+    (no masks; rows past N are clamped and not stored). PARTIAL: fp32 partials o[pid_k, m, n]."""
+    CPW: tl.constexpr = 4 if FMT == 0 else 8
+    CH: tl.constexpr = 4 if x_ptr.dtype.element_ty.primitive_bitwidth == 32 else CPW  # x per 16-byte load
+    G: tl.constexpr = BLOCK_W // R
+    OUT: tl.constexpr = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    KW = K // CPW
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n3 = tl.minimum(offs_n, N - 1)[:, None, None]
+    r3 = tl.arange(0, R)[None, :, None]
+    # threads along g: without the hint a contiguous axis (R = 1) gets vector loads over g, x's loads do not,
+    # and Triton converts layouts through shared memory inside the loop
+    g3 = tl.max_contiguous(tl.arange(0, G), 1)[None, None, :]
+    c4 = tl.arange(0, CH)[None, None, None, :]
+    ts = tl.load(ts_ptr)
+    if GW == 0:
+        s = _scale3(tl.load(s_ptr + n3 * stride_sn), ts, FMT)
+    acc0 = tl.zeros((BLOCK_N, R, G), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, R, G), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, R, G), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, R, G), dtype=tl.float32)
+    it0 = pid_k * iters_per
+    it1 = tl.minimum(it0 + iters_per, tl.cdiv(KW, BLOCK_W))
+    for it in range(it0, it1):
+        w0 = it * BLOCK_W
+        wi = w0 + g3 * R + r3  # (1, R, G) word index
+        qp = q_ptr + n3 * stride_qn + wi
+        if EVEN:  # weights and scales are read once: evict_first
+            v = tl.load(qp, eviction_policy="evict_first")
+        else:
+            v = tl.load(qp, mask=wi < KW, other=0, eviction_policy="evict_first")
+        if GW != 0:
+            wg = w0 + g3 * R  # first word of each thread's R words, (1, 1, G)
+            sp = s_ptr + n3 * stride_sn + wg // GW
+            if EVEN:
+                s = _scale3(tl.load(sp, eviction_policy="evict_first"), ts, FMT)
+            else:
+                s = _scale3(tl.load(sp, mask=wg < KW, other=0, eviction_policy="evict_first"), ts, FMT)
+        cs = _codes3(v, FMT)
+        xk = wi[:, :, :, None] * CPW + c4  # (1, R, G, CH)
+        x0 = _xrow3(x_ptr, xk, K, CPW, CH, not EVEN)
+        if BM > 1:  # rows m >= M read row M - 1 (in bounds, no mask) and are not stored
+            x1 = _xrow3(x_ptr + tl.minimum(1, M - 1) * stride_xm, xk, K, CPW, CH, not EVEN)
+        if BM > 2:
+            x2 = _xrow3(x_ptr + tl.minimum(2, M - 1) * stride_xm, xk, K, CPW, CH, not EVEN)
+            x3 = _xrow3(x_ptr + tl.minimum(3, M - 1) * stride_xm, xk, K, CPW, CH, not EVEN)
+        for i in tl.static_range(CPW):
+            w = _round3(cs[i] * s, OUT, ROUND, i)  # the dequantized weight, bit-exact
+            acc0 += w * x0[i]
+            if BM > 1:
+                acc1 += w * x1[i]
+            if BM > 2:
+                acc2 += w * x2[i]
+                acc3 += w * x3[i]
+    nmask = offs_n < N
+    out = o_ptr + pid_k * M * N + offs_n
+    OT: tl.constexpr = o_ptr.dtype.element_ty
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    tl.store(out, _round_to(_rowsum(acc0) + bias, OT), mask=nmask)
+    if BM > 1:
+        tl.store(out + N, _round_to(_rowsum(acc1) + bias, OT), mask=offs_n < tl.where(1 < M, N, 0))
+    if BM > 2:
+        tl.store(out + 2 * N, _round_to(_rowsum(acc2) + bias, OT), mask=offs_n < tl.where(2 < M, N, 0))
+        tl.store(out + 3 * N, _round_to(_rowsum(acc3) + bias, OT), mask=offs_n < tl.where(3 < M, N, 0))
+
+
 @triton.jit
 def _dot_acc(acc, x, w, IEEE: tl.constexpr):
     if IEEE:  # fp32 inputs: no TF32, like torch's default matmul
@@ -278,6 +534,14 @@ SUM_MAX_M = 4
 DEQUANT_MIN_M = GEMV_MAX_M + 1
 # (BLOCK_N, BLOCK_K, num_warps, split_k) for every GEMV launch, for sweeps (benchmarks/bench_wo_linear.py)
 GEMV_OVERRIDE: tuple[int, int, int, int] | None = None
+# M <= SUM_MAX_M: "v3" (_gemv3_kernel, int32 words; falls back to v2 where the layout does not allow it: rows
+# not a multiple of 4 bytes, scale groups that split a word) or "v2" (_gemv_kernel). H100, M = 1, int4 at
+# the 1.1B decode shapes: v3 2.6-34.8 us per call vs v2 3.8-41.4 (bench_wo_linear.py --kernels v2,v3).
+GEMV_KERNEL = "v3"
+# (BLOCK_N, BLOCK_W, R, num_warps, split_k, ROUND) for every v3 launch, for sweeps; GEMV3_ROUND replaces only
+# the bf16 rounding (0: Triton's cast, 1: packed cvt, 2: Veltkamp, 3: one code in 4 Veltkamp, see _round3)
+GEMV3_OVERRIDE: tuple[int, int, int, int, int, int] | None = None
+GEMV3_ROUND: int | None = None
 GEMM_OVERRIDE: tuple[int, int, int, int, int] | None = None  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 
 
@@ -300,6 +564,74 @@ def _gemv_config(m: int, n: int, k: int, fmt: str) -> tuple[int, int, int, int]:
     bk = min(512 if fmt == "int8" else 1024, max(32, triton.next_power_of_2(k)))
     bn = 4 if n <= 1024 else 8
     return bn, bk, 4, 1
+
+
+def _gemv3_config(m: int, n: int, k: int, fmt: str) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_W, R, num_warps, split_k, ROUND) for _gemv3_kernel, M <= SUM_MAX_M, ROUND 1 (exact).
+    int8 / nvfp4 rows of >= 256 words: the best of `bench_wo_linear.py --sweep3` on the H100 at the decode
+    shapes. Otherwise (int4: confirmed best or within 1% by that sweep) from the sm_90 SASS: a tile is up
+    to 512 words of BLOCK_N = 4 rows (2 where N < 8 * N_SM, for >= 256 programs), a thread loads R words
+    per row (16 bytes; nvfp4: 8, its 16-column scale groups are 2 words), so a 2048-wide int4 row is one
+    tile and 8192 two; no split K."""
+    cpw = 4 if fmt == "int8" else 8
+    kw = k // cpw
+    if GEMV3_OVERRIDE is not None:
+        cfg = GEMV3_OVERRIDE
+    elif INTERPRET:  # the tests' shapes (N = 40, K <= 384): a partial row block, partial tiles, split K
+        cfg = 16, 32, 2, 1, 2 if kw > 32 else 1, 1
+    elif fmt != "int4" and kw >= 256:  # best of --sweep3 on the H100 at the decode shapes (d 2048, 8192)
+        r = 2 if fmt == "nvfp4" else 4
+        if k >= 8192:
+            cfg = 4, 512, r, 4, 1, 1
+        elif fmt == "int8" and n >= 8192:
+            cfg = 4, 256, r, 1, 1, 1
+        else:
+            cfg = 2, 256, r, 2, 1, 1
+    else:
+        r = 2 if fmt == "nvfp4" else 4
+        groups = 1 if fmt == "int4" else 2  # R-word groups per row and thread
+        bw = min(512, max(r, triton.next_power_of_2(kw)))
+        cfg = 4 if n >= 8 * N_SM else 2, bw, r, max(1, min(4, bw // r // (32 * groups))), 1, 1
+    return cfg if GEMV3_ROUND is None else (*cfg[:5], GEMV3_ROUND)
+
+
+def _gemv3(x2: Tensor, qdata: Tensor, s: Tensor, ts: Tensor, bias: Tensor | None, fmt: str, nblocks: int,
+           stride_sn: int) -> Tensor | None:
+    """x2 @ dequant(W).T (+ bias) with _gemv3_kernel, shape (M, N); None where the layout does not allow it."""
+    m, k = x2.shape
+    n = qdata.shape[0]
+    cpw = 4 if fmt == "int8" else 8
+    if k % cpw or qdata.stride(1) != 1 or qdata.stride(0) % 4 or qdata.storage_offset() % 4:
+        return None  # rows are not whole int32 words (qdata is 1-byte: int8 codes or packed nibbles)
+    group = k // nblocks
+    if nblocks > 1 and group % cpw:
+        return None  # a scale group splits a word
+    gw = 0 if nblocks == 1 else group // cpw
+    bn, bw, r, warps, split, rnd = _gemv3_config(m, n, k, fmt)
+    if gw:
+        r = math.gcd(r, gw)  # a thread's R words share one scale
+    # more threads than word groups in a tile make Triton convert layouts through shared memory in the loop
+    warps = max(1, min(warps, bw // r // 32))
+    q = qdata.view(torch.int32)
+    kw = k // cpw
+    iters = triton.cdiv(kw, bw)
+    per = triton.cdiv(iters, split)
+    split = triton.cdiv(iters, per)
+    if split == 1:
+        out = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    else:
+        out = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
+    has_bias = bias is not None and split == 1
+    torch.library.wrap_triton(_gemv3_kernel)[(triton.cdiv(n, bn), split)](
+        x2, q, s, ts, bias if has_bias else ts, out, m, n, k, x2.stride(0), q.stride(0), stride_sn, per,
+        FMT=FMT_IDS[fmt], HAS_BIAS=has_bias, PARTIAL=split > 1, BM=triton.next_power_of_2(m), BLOCK_N=bn,
+        BLOCK_W=bw, R=r, GW=gw, ROUND=rnd, EVEN=kw % bw == 0, num_warps=warps)
+    if split > 1:
+        out = out.sum(0)
+        if bias is not None:
+            out = out + bias.to(torch.float32)
+        out = out.to(x2.dtype)
+    return out
 
 
 def _dot_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
@@ -363,6 +695,10 @@ def weight_only_linear(
         torch.library.wrap_triton(_dequant_kernel)[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
             q, s, ts, w, n, k, q.stride(0), stride_sn, group, FMT=fid, BLOCK_N=bn, BLOCK_K=bk, SG=sg, num_warps=4)
         return F.linear(x2, w, bias).reshape(*lead, n)
+    if m <= SUM_MAX_M and GEMV_KERNEL == "v3":
+        out = _gemv3(x2, qdata, s, ts, bias, fmt, nblocks, stride_sn)
+        if out is not None:
+            return out.reshape(*lead, n)
     if m <= SUM_MAX_M:
         bn, bk, warps, split = _gemv_config(m, n, k, fmt)
         cfg = dict(BM=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)

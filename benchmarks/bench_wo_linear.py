@@ -3,14 +3,19 @@
 Each timing replays a CUDA graph of calls over enough distinct weight copies (>= 96 MiB in all) that
 the weights come from HBM, not L2, as in a decode step. Columns: time per call, weight bytes read
 (codes + scales) per second, % of the measured copy bandwidth, speed-up vs bf16 F.linear at the same
-shape. `--sweep` also tries launch configurations of the M <= 4 GEMV (and the tl.dot GEMV at M = 8)
-and prints the best per shape. Usage:
-    python benchmarks/bench_wo_linear.py [--formats int4,nvfp4,int8] [--m 1,8,512] [--sweep] [--out FILE]
+shape. `--kernels v2,v3` times each M <= 4 GEMV variant (triton_matmul.GEMV_KERNEL; "v3r0" ... "v3r3"
+are v3 with GEMV3_ROUND = 0 ... 3) at each shape, format and M, after checking it (one-hot
+columns bit-exact, random x within the fp32-accumulation bound: column "check"). `--sweep` also tries
+launch configurations of the v2 GEMV (and the tl.dot GEMV at M = 8), `--sweep3` of the v3 GEMV (M <= 4),
+and prints the best per shape. GPU only. Usage:
+    python benchmarks/bench_wo_linear.py [--formats int4,nvfp4,int8] [--m 1,8,512] [--kernels v2,v3]
+        [--sweep] [--sweep3] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import time
@@ -85,21 +90,53 @@ def time_with(module: object, knob: str, value: int, x: torch.Tensor, ws: list) 
         setattr(module, knob, keep)
 
 
+@contextlib.contextmanager
+def gemv_variant(name: str):
+    """GEMV_KERNEL (and GEMV3_ROUND) for a variant name: "v2", "v3", "v3r0" ... "v3r3"."""
+    keep = T.GEMV_KERNEL, T.GEMV3_ROUND
+    T.GEMV_KERNEL, T.GEMV3_ROUND = name[:2], (int(name[3:]) if name.startswith("v3r") else None)
+    try:
+        yield
+    finally:
+        T.GEMV_KERNEL, T.GEMV3_ROUND = keep
+
+
+def check(x: torch.Tensor, t: X.LotionPackedTensor) -> str:
+    """The current kernel choice against the dequantized weight: one-hot rows pick columns bit-exactly, random
+    rows stay within the fp32-accumulation bound of the float64 product (as tests/test_triton_matmul.py)."""
+    m, k = x.shape
+    wq = T.dequantize_reference(t.qdata, t.scale, t.tensor_scale, t.fmt, x.dtype)
+    run = lambda a: T.weight_only_linear(a, t.qdata, t.scale, t.tensor_scale, None, t.fmt)  # noqa: E731
+    for cols in torch.randperm(k, device=x.device)[: 8 * m].reshape(-1, m):
+        if not torch.equal(run(torch.nn.functional.one_hot(cols, k).to(x.dtype)), wq[:, cols].T):
+            return "NOT EXACT"
+    want = x.double() @ wq.double().T
+    err = (run(x).double() - want).abs().max().item() / want.abs().amax().item()
+    return "ok" if err <= 8e-3 else f"ERR {err:.1e}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="int4,nvfp4,int8")
     ap.add_argument("--m", default="1,8,512")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--kernels", default="v2", help="M <= 4 GEMV variants to time: v2, v3, v3r0 ... v3r3")
+    ap.add_argument("--sweep", action="store_true", help="launch-config sweep of the v2 / tl.dot GEMVs")
+    ap.add_argument("--sweep3", action="store_true", help="launch-config sweep of the v3 GEMV (M <= 4)")
     ap.add_argument("--sum8", action="store_true", help="also time M = 8 through the tl.sum GEMV (SUM_MAX_M = 8)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop sweeping after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    kernels = args.kernels.split(",")
+    for v in kernels:
+        if v not in ("v2", "v3", "v3r0", "v3r1", "v3r2", "v3r3"):
+            ap.error(f"unknown GEMV variant {v!r}: choose from v2, v3, v3r0, v3r1, v3r2, v3r3")
     torch.manual_seed(0)
     bw = copy_bandwidth()
     title = f"{torch.cuda.get_device_name()} | torch {torch.__version__} | copy bandwidth {bw / 1e12:.2f} TB/s"
     print(title, flush=True)
     rows, lines, start = [], [], time.time()
-    head = ["shape (N x K)", "layer", "M", "weights", "us / call", "GB/s", "% of copy BW", "vs bf16"]
+    head = ["shape (N x K)", "layer", "M", "weights", "kernel", "us / call", "GB/s", "% of copy BW", "vs bf16",
+            "check"]
     for n, k, name in SHAPES:
         nbytes = {None: n * k * 2}
         copies = {}
@@ -112,11 +149,21 @@ def main() -> None:
             base = None
             for fmt in [None, *args.formats.split(",")]:
                 ws = weights(n, k, fmt, copies[fmt])
-                s = graph_time(op_calls(x, ws))
-                base = base or s
-                rows.append([f"{n} x {k}", name, m, fmt or "bf16", f"{s * 1e6:.1f}", f"{nbytes[fmt] / s / 1e9:.0f}",
-                             f"{100 * nbytes[fmt] / s / bw:.0f}%", f"{base / s:.2f}x"])
-                print(rows[-1], flush=True)
+                variants = kernels if fmt and m <= T.SUM_MAX_M else ["-"]
+                times = {}
+                for v in variants:
+                    with gemv_variant(v if v != "-" else T.GEMV_KERNEL):
+                        ok = check(x, ws[0]) if v != "-" else ""
+                        times[v] = graph_time(op_calls(x, ws))
+                    base = base or times[v]
+                    rows.append([f"{n} x {k}", name, m, fmt or "bf16", v, f"{times[v] * 1e6:.1f}",
+                                 f"{nbytes[fmt] / times[v] / 1e9:.0f}", f"{100 * nbytes[fmt] / times[v] / bw:.0f}%",
+                                 f"{base / times[v]:.2f}x", ok])
+                    print(rows[-1], flush=True)
+                s = times.get("v2", times[variants[0]])
+                if fmt and args.sweep3 and m <= T.SUM_MAX_M and time.time() - start < args.budget_s:
+                    lines.append(sweep3(x, ws, n, k, m, fmt, deadline=start + args.budget_s))
+                    print(lines[-1], flush=True)
                 if fmt and m >= T.DEQUANT_MIN_M:  # the alternative: the tiled tl.dot GEMM, no dequant pass
                     g = time_with(T, "DEQUANT_MIN_M", 1 << 30, x, ws)
                     lines.append(f"GEMM {fmt} M={m} {n}x{k}: tiled tl.dot {g * 1e6:.1f}us vs dequant+cuBLAS "
@@ -166,6 +213,38 @@ def sweep(x, ws, n, k, m, fmt, default_s) -> str:
     res.sort(key=lambda r: r[0])
     best = ", ".join(f"{c} {t * 1e6:.1f}us" for t, c in res[:4])
     return f"SWEEP {fmt} M={m} {n}x{k}: default {default_s * 1e6:.1f}us | best {best}"
+
+
+def sweep3(x, ws, n, k, m, fmt, deadline: float) -> str:
+    """Best v3 launch configs for this shape: (BLOCK_N, BLOCK_W, R, warps, split, ROUND = 1), until the deadline
+    (time.time()); --kernels v3r0,v3r2,v3r3 time the other roundings at the default config."""
+    calls = op_calls(x, ws)
+    r = 2 if fmt == "nvfp4" else 4
+    kw = k // (4 if fmt == "int8" else 8)
+    cands = [(bn, bw, wp) for bn, bw, wp in [(4, 256, 1), (4, 256, 2), (2, 256, 2), (8, 256, 2), (4, 512, 2),
+                                              (4, 512, 4), (4, 1024, 4), (8, 128, 1)]
+             if bw // r >= 32 * wp and bw <= 2 * kw]
+    res = []
+    with gemv_variant("v3"):
+        default = T._gemv3_config(m, n, k, fmt)
+        for (bn, bw, wp), split in itertools.product(cands, (1, 2)):
+            if split > 1 and kw // bw < 2:
+                continue  # split K only where a row has several tiles
+            if time.time() > deadline:
+                break
+            cfg = (bn, bw, r, wp, split, 1)
+            T.GEMV3_OVERRIDE = cfg
+            try:
+                res.append((graph_time(calls, reps=3), cfg))
+            except Exception as e:  # noqa: BLE001  (a config may not compile: skip it)
+                res.append((math.inf, (*cfg, type(e).__name__)))
+            finally:
+                T.GEMV3_OVERRIDE = None
+        t_default = graph_time(calls, reps=3)
+    res.sort(key=lambda q: q[0])
+    best = ", ".join(f"{c} {t * 1e6:.1f}us" for t, c in res[:4]) or "none tried"
+    return (f"SWEEP3 {fmt} M={m} {n}x{k}: default {default} {t_default * 1e6:.1f}us | {len(res)} tried, "
+            f"best {best}")
 
 
 def triton_cdiv(a: int, b: int) -> int:

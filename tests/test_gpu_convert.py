@@ -30,8 +30,9 @@ def test_cuda_convert_matches_quantized_eval(fmt: str, block, target: str, dtype
     deployed = lotion_fx.convert(prepared, formats={fmt: target}).eval()
     for rec in lotion_fx.prepared_info(prepared).result.rewritten:
         for name in [rec.param_name, *rec.aliases]:
-            if isinstance(deployed.get_submodule(name.rpartition(".")[0]), nn.Linear):
-                w = deployed.get_parameter(name)
+            owner, _, attr = name.rpartition(".")
+            if isinstance(deployed.get_submodule(owner), nn.Linear):
+                w = getattr(deployed.get_submodule(owner), attr)  # PackedLinear: a property, not a Parameter
                 assert type(w.data).__name__ == target and w.device.type == "cuda"
                 assert torch.equal(w.dequantize(), lotion_fx.fake_quantize(fp[name], fmt, X.block_spec(rec.block))), name
     with torch.no_grad():

@@ -2,6 +2,9 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (CI sets it); without it the CPU tests skip.
 The gpu-marked tests run them compiled, at realistic sizes, and under torch.compile + CUDA graphs.
+The M <= 4 tests run both GEMV kernels (T.GEMV_KERNEL "v2" and "v3"). Under the interpreter v3's
+inline asm (int4 / int8 decode, bf16 rounding ROUND 1 / 2) runs as the equivalent plain Triton, so only
+the gpu tests check the asm itself.
 """
 
 from __future__ import annotations
@@ -53,6 +56,21 @@ def _dev() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _use_kernel(monkeypatch, kernel: str) -> list:
+    """Set the M <= 4 GEMV switch; the returned list gets one entry per launch v3 takes (not declined)."""
+    monkeypatch.setattr(T, "GEMV_KERNEL", kernel)
+    launched, gemv3 = [], T._gemv3
+
+    def counted(*args, **kwargs):
+        out = gemv3(*args, **kwargs)
+        if out is not None:
+            launched.append(1)
+        return out
+
+    monkeypatch.setattr(T, "_gemv3", counted)
+    return launched
+
+
 @pytest.mark.parametrize("fmt,block,k", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pack_dequantize_is_fake_quantize(fmt: str, block, k: int, dtype: torch.dtype) -> None:
@@ -65,25 +83,39 @@ def test_pack_dequantize_is_fake_quantize(fmt: str, block, k: int, dtype: torch.
     assert t.qdata.numel() * t.qdata.element_size() == N * k * bits // 8
 
 
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# (M, GEMV kernel, dtype): M <= 4 runs the switch's GEMV kernel, M = 17 dequantizes, then F.linear (v2 is
+# just the switch's value there); fp16 on the v3 GEMV and once on v2 (the interpreter is slow)
+BIT_EXACT = [(1, "v2", F32), (1, "v2", BF16), (1, "v2", F16), (3, "v2", F32), (3, "v2", BF16), (17, "v2", F32),
+             (17, "v2", BF16), (1, "v3", F32), (1, "v3", BF16), (1, "v3", F16), (3, "v3", F32), (3, "v3", BF16),
+             (3, "v3", F16)]
+# x is (2, m, K): M = 2m, so m = 1, 2 run the M <= 4 GEMV, m = 3 the tl.dot GEMV, m = 17 the dequant path
+FLOAT64 = [(2, "v2", BF16), (3, "v2", F32), (3, "v2", BF16), (17, "v2", F32), (17, "v2", BF16), (1, "v3", F32),
+           (2, "v3", BF16), (1, "v3", F16)]
+
+
 @interpret
 @pytest.mark.parametrize("fmt,block,k", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 17])
-def test_kernel_dequantization_is_bit_exact(fmt: str, block, k: int, dtype: torch.dtype, m: int) -> None:
+@pytest.mark.parametrize("m,kernel,dtype", BIT_EXACT)
+def test_kernel_dequantization_is_bit_exact(fmt: str, block, k: int, dtype: torch.dtype, m: int, kernel: str,
+                                            monkeypatch) -> None:
     """One-hot rows of x pick single weight columns: the output is the dequantized weight, exactly."""
+    launched = _use_kernel(monkeypatch, kernel)
     w = _weight(N, k, dtype, _dev(), seed=m)
     t = _packed(w, fmt, block)
     cols = torch.randperm(k, generator=torch.Generator().manual_seed(m))[:m].to(w.device)
     x = F.one_hot(cols, k).to(dtype)
-    got = _run(x, t)  # M <= 4: tl.sum GEMV (split K here); M = 17: dequantize, then F.linear
+    got = _run(x, t)  # M <= 4: the GEMV kernel (split K here); M = 17: dequantize, then F.linear
     assert torch.equal(got, lotion_fx.fake_quantize(w, fmt, block)[:, cols].T)
+    assert len(launched) == (kernel == "v3")  # v3 takes every case here
 
 
 @interpret
 @pytest.mark.parametrize("fmt,block,k", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [3, 17])
-def test_kernel_matches_float64_on_noncontiguous_3d(fmt: str, block, k: int, dtype: torch.dtype, m: int) -> None:
+@pytest.mark.parametrize("m,kernel,dtype", FLOAT64)
+def test_kernel_matches_float64_on_noncontiguous_3d(fmt: str, block, k: int, dtype: torch.dtype, m: int,
+                                                    kernel: str, monkeypatch) -> None:
+    launched = _use_kernel(monkeypatch, kernel)
     torch.manual_seed(m)
     w = _weight(N, k, dtype, _dev())
     t = _packed(w, fmt, block)
@@ -94,10 +126,11 @@ def test_kernel_matches_float64_on_noncontiguous_3d(fmt: str, block, k: int, dty
     want = _f64_linear(x, lotion_fx.fake_quantize(w, fmt, block), bias)
     assert got.shape == (2, m, N) and got.dtype == dtype
     scale = want.abs().amax()
-    tol = 1e-5 if dtype == torch.float32 else 8e-3  # output rounding to bf16, fp32 accumulation
+    tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]  # output rounding, fp32 sums
     assert (got.double() - want).abs().max() <= tol * scale
     ref = T.linear_reference(x, t.qdata, t.scale, t.tensor_scale, bias, fmt)  # the CPU path, same bound
     assert (ref.double() - want).abs().max() <= tol * scale
+    assert len(launched) == (kernel == "v3" and 2 * m <= T.SUM_MAX_M)
 
 
 @interpret
@@ -120,6 +153,63 @@ def test_dot_gemv_and_dequant_paths(fmt: str, block, k: int, path: str, monkeypa
     assert (_run(x, t, bias).double() - want).abs().max() <= 8e-3 * want.abs().amax()
 
 
+# (BLOCK_N, BLOCK_W, R, num_warps, split_k, ROUND): R = 4 (cut to 2 by nvfp4's 2-word scale groups) and
+# Veltkamp rounding, several tiles; R = 1 and three K splits with Triton's cast; one tile over the row, mixed
+# rounding (under the interpreter ROUND 1 is Triton's cast: ROUND 1 / 3's cvt asm runs in the gpu tests)
+V3_CONFIGS = [(8, 4, 4, 1, 1, 2), (8, 4, 1, 1, 3, 0), (16, 64, 2, 1, 1, 3)]
+
+
+@interpret
+@pytest.mark.parametrize("fmt,block,k", [CASES[0], CASES[3], CASES[6]])
+@pytest.mark.parametrize("cfg", V3_CONFIGS)
+def test_v3_launch_configs(fmt: str, block, k: int, cfg, monkeypatch) -> None:
+    """v3 under other launch configurations than its default: one-hot rows (M = 4, bf16) and float64 (M = 2,
+    with bias), full and partial tiles (EVEN or not), split K, every rounding variant."""
+    launched = _use_kernel(monkeypatch, "v3")
+    monkeypatch.setattr(T, "GEMV3_OVERRIDE", cfg)
+    w = _weight(N, k, torch.bfloat16, _dev(), seed=4)
+    t = _packed(w, fmt, block)
+    wq = lotion_fx.fake_quantize(w, fmt, block)
+    cols = torch.randperm(k, generator=torch.Generator().manual_seed(4))[:4].to(w.device)
+    assert torch.equal(_run(F.one_hot(cols, k).to(torch.bfloat16), t), wq[:, cols].T)
+    x = torch.randn(2, k, device=w.device).to(torch.bfloat16)
+    bias = torch.randn(N, device=w.device).to(torch.bfloat16)
+    want = _f64_linear(x, wq, bias)
+    assert (_run(x, t, bias).double() - want).abs().max() <= 8e-3 * want.abs().amax()
+    assert len(launched) == 2
+
+
+@interpret
+@pytest.mark.parametrize("fmt,block,k", [("int4", "tensor", 36), ("int8", 6, 48)])
+def test_v3_falls_back_to_v2(fmt: str, block, k: int, monkeypatch) -> None:
+    """Rows that are not whole int32 words (int4, K = 36: 18 bytes) and scale groups that split a word (int8,
+    6 columns): v3 declines and the v2 kernel computes the same result."""
+    launched = _use_kernel(monkeypatch, "v3")
+    w = _weight(N, k, torch.bfloat16, _dev())
+    t = _packed(w, fmt, block)
+    x = torch.randn(3, k, device=w.device).to(torch.bfloat16)
+    s = t.scale
+    stride_sn = s.stride(0) if s.shape[0] == N else 0
+    assert T._gemv3(x, t.qdata, s, t.tensor_scale.reshape(1).float(), None, fmt, s.shape[1], stride_sn) is None
+    cols = torch.randperm(k, generator=torch.Generator().manual_seed(0))[:3].to(w.device)
+    wq = lotion_fx.fake_quantize(w, fmt, block)
+    assert torch.equal(_run(F.one_hot(cols, k).to(torch.bfloat16), t), wq[:, cols].T)
+    want = _f64_linear(x, wq)
+    assert (_run(x, t).double() - want).abs().max() <= 8e-3 * want.abs().amax()
+    assert not launched
+
+
+@pytest.mark.parametrize("exponent", [1, 127, 237])
+def test_veltkamp_split_rounds_like_bf16_cast(exponent: int) -> None:
+    """v3's ROUND = 2: g = u * 2^16 + u; g + (u - g) is u rounded to bf16 (nearest, ties to even) for every
+    fp32 u of the binade 2^(exponent - 127) (normal binades up to 2^110; 238 overflows 65537 u)."""
+    bits = (exponent << 23) | torch.arange(1 << 23, dtype=torch.int32)
+    u = bits.view(torch.float32)
+    g = u * 65536.0 + u  # two roundings, the first exact: one rounding of 65537 u, like fma.rn
+    assert torch.equal(g + (u - g), u.to(torch.bfloat16).float())
+    assert torch.equal(-g + (-u + g), (-u).to(torch.bfloat16).float())
+
+
 def test_fake_impl_and_bad_input() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -138,11 +228,12 @@ def test_fake_impl_and_bad_input() -> None:
 
 # ------------------------------------------------------------------------------------------- GPU
 @pytest.mark.parametrize("fmt,block", [("int8", "row"), ("int4", 32), ("int4", 128), ("nvfp4", 16)])
-@pytest.mark.parametrize("m", [1, 3, 8, 512])
+@pytest.mark.parametrize("m,kernel", [(1, "v2"), (3, "v2"), (8, "v2"), (512, "v2"), (1, "v3"), (3, "v3")])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1536, 8192)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_realistic_sizes(fmt: str, block, m: int, n: int, k: int) -> None:
+def test_gpu_realistic_sizes(fmt: str, block, m: int, kernel: str, n: int, k: int, monkeypatch) -> None:
+    launched = _use_kernel(monkeypatch, kernel)
     torch.manual_seed(0)
     w = _weight(n, k, torch.bfloat16, "cuda")
     t = _packed(w, fmt, block)
@@ -153,6 +244,31 @@ def test_gpu_realistic_sizes(fmt: str, block, m: int, n: int, k: int) -> None:
     assert (got.double() - want).abs().max() <= 8e-3 * want.abs().amax()
     cols = torch.randperm(k, device="cuda")[:m]
     assert torch.equal(_run(F.one_hot(cols, k).to(torch.bfloat16), t), wq[:, cols].T)
+    assert bool(launched) == (kernel == "v3")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt,block", [("int8", "row"), ("int8", 32), ("int4", 32), ("int4", "tensor"), ("nvfp4", 16)])
+@pytest.mark.parametrize("dtype,rnd", [(BF16, 0), (BF16, 1), (BF16, 2), (BF16, 3), (F16, 1), (F32, 1)])
+def test_gpu_v3_rounding_variants_and_asm(fmt: str, block, dtype: torch.dtype, rnd: int, monkeypatch) -> None:
+    """The compiled v3 (its inline-asm decode and roundings, which the interpreter replaces) is bit-exact:
+    one-hot rows over many columns, M = 1 and 4, a partial last tile (K = 2080) and rows past N (N = 999)."""
+    launched = _use_kernel(monkeypatch, "v3")
+    monkeypatch.setattr(T, "GEMV3_ROUND", rnd)  # only bf16 has variants
+    torch.manual_seed(0)
+    n, k = 999, 2080
+    w = _weight(n, k, dtype, "cuda")
+    t = _packed(w, fmt, block)
+    wq = lotion_fx.fake_quantize(w, fmt, block)
+    for m in (1, 4):
+        for cols in torch.randperm(k, device="cuda")[: 16 * m].reshape(-1, m):
+            assert torch.equal(_run(F.one_hot(cols, k).to(dtype), t), wq[:, cols].T)
+    x = torch.randn(4, k, device="cuda", dtype=dtype)
+    want = _f64_linear(x, wq)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert (_run(x, t).double() - want).abs().max() <= tol * want.abs().amax()
+    assert launched
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nvfp4"])
@@ -173,7 +289,9 @@ def test_compiled_cpu_linear_equals_dequantized(fmt: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nvfp4"])
 @pytest.mark.parametrize("freezing", [False, True])
-def test_gpu_compile_cuda_graphs_no_graph_break(fmt: str, freezing: bool) -> None:
+@pytest.mark.parametrize("kernel", ["v2", "v3"])
+def test_gpu_compile_cuda_graphs_no_graph_break(fmt: str, freezing: bool, kernel: str, monkeypatch) -> None:
+    monkeypatch.setattr(T, "GEMV_KERNEL", kernel)  # M = 2: the M <= 4 GEMV
     torch.manual_seed(0)
     lin = torch.nn.Linear(1024, 512, bias=True).to("cuda", torch.bfloat16)
     wq = lotion_fx.fake_quantize(lin.weight.detach(), fmt)
