@@ -27,12 +27,12 @@ CASES = [("plain", None, None), ("qat", "int4", None), ("lotion", "int4", None),
 WINDOW = 20
 
 
-def build(method: str, fmt: str | None, curvature: str | None, cfg: GPTConfig) -> torch.nn.Module:
+def build(method: str, fmt: str | None, curvature: str | None, cfg: GPTConfig, **extra) -> torch.nn.Module:
     torch.manual_seed(0)
     model = GPT(cfg).cuda()
     if method == "plain":
         return model
-    extra = {"curvature": curvature} if curvature else {}
+    extra = {"curvature": curvature, **extra} if curvature else extra
     return lotion_fx.prepare(model, lotion_fx.LotionConfig(method=method, format=fmt, **extra))
 
 
@@ -46,9 +46,11 @@ def state_bytes_per_weight(model: torch.nn.Module) -> float:
     return b / n
 
 
-def run(method: str, fmt: str | None, curvature: str | None, compiled: bool, args, cfg: GPTConfig):
+def run(method: str, fmt: str | None, curvature: str | None, compiled: bool, args, cfg: GPTConfig,
+        fraction: float | None = None):
     """(first-step seconds, [mean ms/step per window], peak GiB, state bytes per weight)."""
-    model = build(method, fmt, curvature, cfg)
+    extra = {"curvature_batch_fraction": fraction} if fraction is not None else {}
+    model = build(method, fmt, curvature, cfg, **extra)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fn = torch.compile(model) if compiled else model
     idx = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), device="cuda")
@@ -94,29 +96,35 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=5, help=f"timed windows of {WINDOW} steps")
     ap.add_argument("--eager", action="store_true", help="also time eager mode")
     ap.add_argument("--cases", default=None, help="comma list of method-format[-curvature], e.g. plain,lotion-int4")
+    ap.add_argument("--batch-fractions", default="", help="also run each lotion case with these "
+                    "curvature_batch_fraction values, e.g. 0.5,0.25")
     args = ap.parse_args()
     cfg = GPTConfig.preset("gpt2")
     cases = CASES
     if args.cases:
         names = {"-".join(x for x in c if x): c for c in CASES}
         cases = [names[n] for n in args.cases.split(",")]
+    fractions = [float(f) for f in args.batch_fractions.split(",") if f]
+    cases = [(*c, None) for c in cases] + [(*c, f) for f in fractions for c in cases if c[0] == "lotion"]
     res = {}
     for case in cases:
         for compiled in (True, False) if args.eager else (True,):
-            res[(*case, compiled)] = run(*case, compiled, args, cfg)
+            res[(*case, compiled)] = run(*case[:3], compiled, args, cfg, case[3])
             print(*case, "compiled" if compiled else "eager", res[(*case, compiled)], flush=True)
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    plain = med(res[("plain", None, None, True)][1])
+    plain_key = ("plain", None, None, None, True)
+    plain = med(res[plain_key][1])
     rows, crow = [], []
     for case in cases:
         first, win, peak, sb = res[(*case, True)]
         eager = res.get((*case, False))
         ms = med(win)
         name = case[0] + (f" ({case[2]})" if case[2] else (" (gn_sampled)" if case[0] == "lotion" else ""))
+        name += f", refresh on {case[3]:g} of the batch" if case[3] is not None else ""
         rows.append([name, case[1] or "-", f"{ms:.1f}", f"{min(win) / plain:.3f}-{max(win) / plain:.3f}",
                      f"{ms / plain:.3f}x", f"{peak:.2f}", f"{sb:g}",
                      f"{med(eager[1]):.1f}" if eager else "-"])
-        crow.append([name, case[1] or "-", f"{first:.1f}", f"{first / res[('plain', None, None, True)][0]:.2f}x"])
+        crow.append([name, case[1] or "-", f"{first:.1f}", f"{first / res[plain_key][0]:.2f}x"])
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | GPT-2 small "
           f"({sum(p.numel() for p in GPT(cfg).parameters()) / 1e6:.0f}M), batch {args.batch}x{cfg.block_size}, "
           f"bf16 autocast, AdamW; ms/step = median over {args.windows} windows of {WINDOW} steps")

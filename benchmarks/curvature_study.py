@@ -145,11 +145,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gn lam 1": ("lotion", {"lam": 1.0, "lam_warmup": 0}),
     "gn lam 3": ("lotion", {"lam": 3.0, "lam_warmup": 0}),
     "gn lam 1 warmup 300": ("lotion", {"lam": 1.0, "lam_warmup": 300}),
+    "gn lam 1 warmup 100": ("lotion", {"lam": 1.0, "lam_warmup": 100}),
+    "sampled": ("lotion_sampled", {}),
     "gn lam 1 warmup 1/2": ("lotion", {"lam": 1.0, "lam_warmup": "half"}),
     "gn lam 0.5 warmup 500": ("lotion", {"lam": 0.5, "lam_warmup": 500}),
     "gn lam 0.3 warmup 1/2": ("lotion", {"lam": 0.3, "lam_warmup": "half"}),
     "gn lam 1 every 1": ("lotion", {"curvature_every": 1}),
     "every 20": ("lotion", {"curvature_every": 20}),
+    "batch 1/2": ("lotion", {"curvature_batch_fraction": 0.5}),
+    "batch 1/4": ("lotion", {"curvature_batch_fraction": 0.25}),
     "gn lam 1 beta 0.8": ("lotion", {"beta": 0.8}),
 }
 

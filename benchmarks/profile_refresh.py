@@ -62,7 +62,7 @@ def main() -> None:
     idx = torch.randint(0, cfg.vocab_size, (a.batch, cfg.block_size), device="cuda")
     marks = Marks()
     marks.wrap(C, "sampled_target_loss", "forward", "sampled loss")
-    marks.wrap(C, "_all_reduce_mean", "backward + square", None)
+    marks.wrap(C, "fold_sampled_all", "backward", None)
     marks.wrap(C, "advance_all", "fold into g", None)
     rows = []
     for method in ("plain", "lotion"):

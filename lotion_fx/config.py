@@ -31,8 +31,8 @@ class LotionConfig:
     lam: weight of the penalty (lam / 2) * sum g * sigma^2. With a curvature of the right scale
         (`gn_sampled`), lam = 1 is the second-order expansion of E[L(SR(w))].
     lam_warmup: optimizer steps (calls of `lotion_fx.curvature_step`) over which lam ramps linearly
-        from 0 (None: 500 for "gn_sampled"/"kfac_diag", 0 for "ema"/"adam"; 0 = constant lam from the first step). Full strength from the start
-        snaps weights to the grid before they have settled (README: choosing the default). Only
+        from 0 (None: 500 for "gn_sampled"/"kfac_diag", 0 for "ema"/"adam"; 0 = constant lam from the
+        first step). Full strength from the start snaps weights to the grid before they have settled (README: choosing the default). Only
         curvature_step advances it: without that call lam stays at its step-0 value.
     curvature: where g, the diagonal Gauss-Newton estimate, comes from.
         "gn_sampled" (default): a backward with targets sampled from the model's own predictions,
@@ -44,6 +44,9 @@ class LotionConfig:
         "kfac_diag": factored, g_ij = (sum_m delta_mi^2) * mean_m x_mj^2 from the Linear's input x and
         output gradient delta in the same sampled-target pass; state O(in + out) per layer.
     curvature_every: steps between two sampled-target backward passes of "gn_sampled"/"kfac_diag".
+    curvature_batch_fraction: that pass runs on the first ceil(fraction * B) examples of the step's
+        inputs (every tensor argument whose leading dim is B, the first tensor argument's): its cost
+        scales with it, while one refresh's estimate is about as noisy at any batch (a squared sum).
     curvature_scale: multiplies g (1 = the estimator's own scale).
     beta: EMA decay of g (bias-corrected like Adam); None = 0.999 for "ema" (per step), 0.95 for
         "gn_sampled" and for each factor of "kfac_diag" (per refresh).
@@ -61,6 +64,7 @@ class LotionConfig:
     lam_warmup: int | None = None
     curvature: str = "gn_sampled"
     curvature_every: int = 10
+    curvature_batch_fraction: float = 0.25
     curvature_scale: float = 1.0
     beta: float | None = None
     grad_accum_steps: int = 1
@@ -85,6 +89,9 @@ class LotionConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        f = self.curvature_batch_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < f <= 1.0):
+            raise ValueError(f"curvature_batch_fraction must be in (0, 1], got {f!r}")
         if self.beta is None:
             object.__setattr__(self, "beta", DEFAULT_BETA[self.curvature])
         if self.lam_warmup is None:

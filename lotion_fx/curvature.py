@@ -171,10 +171,29 @@ def curvature_step(
                 f"curvature={cfg.curvature!r} needs the step's inputs: lotion_fx.curvature_step(model, x) "
                 "(the same arguments as model(x))"
             )
+        inputs, kwargs = _first_examples(inputs, kwargs, cfg.curvature_batch_fraction)
         _refresh(model, prepared, smooth, cfg.seed, step, loss, loss_scale, output_fn,
                  inputs, kwargs)
     advance_all(list(smooth.values()))
     return refresh
+
+
+def _first_examples(inputs: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dict]:
+    """The sampled pass's arguments: the first ceil(fraction * B) examples of every tensor argument
+    whose leading dim is B, the batch size of the first tensor argument; anything else as given.
+    The estimate stays unbiased: the GN diagonal of a mean loss is the mean over examples."""
+    if fraction >= 1.0:
+        return inputs, kwargs
+    first = next((t for t in (*inputs, *kwargs.values()) if isinstance(t, Tensor) and t.dim() >= 1), None)
+    if first is None:
+        return inputs, kwargs
+    b = first.shape[0]
+    k = max(1, math.ceil(fraction * b))
+
+    def cut(t: Any) -> Any:
+        return t[:k] if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == b else t
+
+    return tuple(cut(t) for t in inputs), {n: cut(t) for n, t in kwargs.items()}
 
 
 def _refresh(model, prepared, smooth, seed, step, loss, loss_scale, output_fn, inputs, kwargs) -> None:

@@ -96,9 +96,10 @@ class LotionSmoother(nn.Module):
         return torch.tensor(list(data), dtype=torch.uint8, device=dev)
 
     def _config_record(self) -> dict[str, Any]:
-        """What a checkpoint must agree on; grad_accum_steps is the loop's business and may change."""
+        """What a checkpoint must agree on; grad_accum_steps and the refresh's batch fraction are the
+        loop's business and may change."""
         rec = {**dataclasses.asdict(self.config), "skip": list(self.config.skip), "block": self.block}
-        del rec["grad_accum_steps"]
+        del rec["grad_accum_steps"], rec["curvature_batch_fraction"]
         return rec
 
     def check_loadable(self, state_dict: dict[str, Tensor], prefix: str) -> None:

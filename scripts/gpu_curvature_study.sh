@@ -24,6 +24,9 @@ args_for() {  # variant -> train_lm.py arguments (lotion = the library default)
     lotion_lam1) echo "--method lotion --lam 1 --lam-warmup 0";;
     lotion_warm500) echo "--method lotion --lam 1 --lam-warmup 500";;
     lotion_every20) echo "--method lotion --curvature-every 20";;
+    lotion_batch0.5) echo "--method lotion --curvature-batch-fraction 0.5";;
+    lotion_batch0.25) echo "--method lotion --curvature-batch-fraction 0.25";;
+    lotion_batch1) echo "--method lotion --curvature-batch-fraction 1";;
     lotion_warm) echo "--method lotion --lam 1 --lam-warmup $((STEPS / 2))";;
     *) echo "unknown variant $1" >&2; exit 2;;
   esac

@@ -5,6 +5,7 @@
 #   source scripts/device_setup.sh && STEPS=1500 bash scripts/gpu_lm.sh seeds  # ~3 min: small, int4 per tensor, 3 seeds
 #   source scripts/device_setup.sh && STEPS=1500 bash scripts/gpu_lm.sh sweep  # ~2 min: LOTION settings, seed 1
 #   source scripts/device_setup.sh && STEPS=1400 bash scripts/gpu_lm.sh seeds50m  # ~6 min: 50m int4, seeds 1 2
+#   source scripts/device_setup.sh && STEPS=1200 bash scripts/gpu_lm.sh study50m  # ~7 min: curvature study (iv), 9 runs
 # Records land in /tmp/lm/*.json (+ .log, .png); a summary table is printed and written to ${OUT:-results}/lm.
 set -u
 MODE=${1:-main}
@@ -38,6 +39,19 @@ if [ "$MODE" = seeds50m ]; then
   done
   wait
   for f in "$DEST"/m50_s*.log; do echo "$(basename "$f" .log) $(grep -h RESULT "$f")"; done | tee "$SUMMARY/m50_seeds.txt"
+  exit 0
+fi
+if [ "$MODE" = study50m ]; then
+  # testbed (iv) of the curvature study: 50m GPT, the library default vs PTQ and QAT, all runs at once.
+  # RUNS: "format:method:seed ..." (block: the format's default: int4 32, nvfp4 16)
+  for r in ${RUNS:-int4:ptq:0 int4:qat:0 int4:lotion:0 int4:ptq:1 int4:qat:1 int4:lotion:1 nvfp4:ptq:0 nvfp4:qat:0 nvfp4:lotion:0}; do
+    IFS=: read -r fmt m seed <<< "$r"
+    python examples/train_lm.py --method $m --format $fmt $COMMON --steps "${STEPS:-1200}" --seed $seed --quiet \
+      --out "$DEST/${fmt}-default__${m}__s${seed}.json" > "$DEST/${fmt}-default__${m}__s${seed}.log" 2>&1 &
+  done
+  wait
+  grep -L RESULT "$DEST"/*-default__*.log | while read -r f; do echo "FAILED: $f"; tail -5 "$f"; done
+  python benchmarks/curvature_study.py --lm "$DEST" | tee "$SUMMARY/study50m.txt"
   exit 0
 fi
 if [ "$MODE" = seeds ]; then

@@ -103,7 +103,7 @@ def run_cases(rank: int, device: torch.device) -> dict:
     return results
 
 
-GN_CFG = dict(block_size=16, curvature_every=1, lam_warmup=0, seed=3)
+GN_CFG = dict(block_size=16, curvature_every=1, lam_warmup=0, seed=3, curvature_batch_fraction=1.0)  # references use every row
 
 
 def _fsdp_sampled(rank: int, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -145,7 +145,7 @@ def _plain_ddp(rank: int, device: torch.device, x: torch.Tensor, y: torch.Tensor
     out = {}
     for curvature in ("gn_sampled", "kfac_diag"):
         torch.manual_seed(0)
-        cfg = lotion_fx.LotionConfig(block_size=16, curvature_every=1, lam_warmup=0, seed=3, curvature=curvature)
+        cfg = lotion_fx.LotionConfig(curvature=curvature, **GN_CFG)
         prepared = lotion_fx.prepare(Net(), cfg).to(device)
         model = DDP(prepared, broadcast_buffers=False)  # (with the default True, rank 0's g would win)
         opt = torch.optim.SGD(model.parameters(), lr=0.2)
