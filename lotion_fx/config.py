@@ -32,8 +32,9 @@ class LotionConfig:
         (`gn_sampled`), lam = 1 is the second-order expansion of E[L(SR(w))].
     lam_warmup: optimizer steps (calls of `lotion_fx.curvature_step`) over which lam ramps linearly
         from 0 (None: 500 for "gn_sampled"/"kfac_diag", 0 for "ema"/"adam"; 0 = constant lam from the
-        first step). Full strength from the start snaps weights to the grid before they have settled (README: choosing the default). Only
-        curvature_step advances it: without that call lam stays at its step-0 value.
+        first step). Full strength from the start snaps weights to the grid before they have settled
+        (README: choosing the default). Only curvature_step advances it: without that call lam stays at
+        its step-0 value.
     curvature: where g, the diagonal Gauss-Newton estimate, comes from.
         "gn_sampled" (default): a backward with targets sampled from the model's own predictions,
         every `curvature_every` steps, in `lotion_fx.curvature_step(model, inputs)`; unbiased for

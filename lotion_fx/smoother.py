@@ -197,7 +197,6 @@ class LotionSmoother(nn.Module):
             self._host_steps = int(self.steps)
         return self._host_steps
 
-    @torch.no_grad()
     # ------------------------------------------------------------------ kfac_diag observers
     @torch.no_grad()
     def start_observing(self) -> None:

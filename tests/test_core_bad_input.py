@@ -37,6 +37,8 @@ def assert_untouched(model: nn.Module, snap: dict) -> None:
     (dict(curvature="hessian"), r"unknown curvature 'hessian'"),
     (dict(grad_accum_steps=0), r"grad_accum_steps must be an int >= 1"),
     (dict(lam=float("nan")), r"lam must be a finite number"),
+    (dict(curvature_batch_fraction=0), r"curvature_batch_fraction must be in \(0, 1\], got 0"),
+    (dict(curvature_batch_fraction=1.5), r"curvature_batch_fraction must be in \(0, 1\], got 1.5"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
