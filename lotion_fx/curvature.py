@@ -142,6 +142,7 @@ def curvature_step(
     loss: str = "cross_entropy",
     loss_scale: float = 1.0,
     output_fn: Any = None,
+    batch_fraction: float | None = None,
     **kwargs: Any,
 ) -> bool:
     """Call once per optimizer step with the step's inputs; returns True when g was refreshed.
@@ -154,7 +155,10 @@ def curvature_step(
     (the torch.compile'd module works and reuses its graphs). `loss_scale`: the user's loss is
     loss_scale times `loss` (e.g. 0.5 * sum over K outputs of a squared error = K/2 * "mse").
     No .grad is written, so call it before or after the training forward/backward, not between.
-    Cost: one extra forward and backward every `curvature_every` steps.
+    The sampled pass runs on the first examples only (`LotionConfig.curvature_batch_fraction`, see
+    `first_examples`); `batch_fraction` overrides it for this call (1.0: inputs already cut, as
+    LotionTrainer does so that its labels match). Cost: one extra forward and backward on that part
+    of the batch every `curvature_every` steps.
     """
     prepared = _unwrap(model)
     info = prepared_info(prepared)
@@ -171,14 +175,15 @@ def curvature_step(
                 f"curvature={cfg.curvature!r} needs the step's inputs: lotion_fx.curvature_step(model, x) "
                 "(the same arguments as model(x))"
             )
-        inputs, kwargs = _first_examples(inputs, kwargs, cfg.curvature_batch_fraction)
+        fraction = cfg.curvature_batch_fraction if batch_fraction is None else batch_fraction
+        inputs, kwargs = first_examples(inputs, kwargs, fraction)
         _refresh(model, prepared, smooth, cfg.seed, step, loss, loss_scale, output_fn,
                  inputs, kwargs)
     advance_all(list(smooth.values()))
     return refresh
 
 
-def _first_examples(inputs: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dict]:
+def first_examples(inputs: tuple, kwargs: dict, fraction: float) -> tuple[tuple, dict]:
     """The sampled pass's arguments: the first ceil(fraction * B) examples of every tensor argument
     whose leading dim is B, the batch size of the first tensor argument; anything else as given.
     The estimate stays unbiased: the GN diagonal of a mean loss is the mean over examples."""

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import is_prepared, prepared_info
-from .curvature import _unwrap, curvature_step
+from .curvature import _unwrap, curvature_step, first_examples
 
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
 
@@ -104,6 +104,8 @@ class LotionTrainerMixin:
                 "so the penalty counts once per optimizer step"
             )
         inputs = self._prepare_inputs(inputs)
+        if cfg.method == "lotion":  # the refresh's share of the batch, labels included, so that they match
+            _, inputs = first_examples((), inputs, cfg.curvature_batch_fraction)
         label_names = set(self.label_names or ["labels"])
         labels = next((inputs[k] for k in label_names if k in inputs), None)
         feed = {k: v for k, v in inputs.items() if k not in label_names}
@@ -115,7 +117,7 @@ class LotionTrainerMixin:
             output_fn = lambda out: labelled_logits(out, labels, causal)  # noqa: E731
         model.train()
         with self.compute_loss_context_manager():  # curvature_step warns about weights with no gradient
-            return curvature_step(model, loss=self.curvature_loss, output_fn=output_fn, **feed)
+            return curvature_step(model, loss=self.curvature_loss, output_fn=output_fn, batch_fraction=1.0, **feed)
 
 
 def _build() -> type:

@@ -286,6 +286,25 @@ def test_lotion_trainer_once_per_optimizer_step_with_accumulation(tmp_path) -> N
         _trainer(tiny(), _args(tmp_path, max_steps=1, save_strategy="no")).train()
 
 
+def test_lotion_trainer_refresh_cuts_inputs_and_labels_alike(tmp_path, monkeypatch) -> None:
+    """The refresh runs on the first quarter of the batch (the default curvature_batch_fraction): the
+    labels that pick the loss's positions are cut with the inputs, so every labelled position (and only
+    those) gets a sampled target."""
+    pytest.importorskip("accelerate")
+    seen = []
+    real = lotion_fx.hf_trainer.labelled_logits
+
+    def spy(out, labels, causal):
+        seen.append((tuple(out.logits.shape[:-1]), tuple(labels.shape)))
+        return real(out, labels, causal)
+
+    monkeypatch.setattr(lotion_fx.hf_trainer, "labelled_logits", spy)
+    model = lotion_fx.prepare(tiny(), _default_cfg(), capture="dynamo")  # fraction 0.25
+    _trainer(model, _args(tmp_path, max_steps=1, save_strategy="no", per_device_train_batch_size=8)).train()
+    assert seen == [((2, 16), (2, 16))]  # one refresh, on 2 of the 8 sequences, labels alike
+    assert all(int(sm.count) == 1 for sm in lotion_fx.smoothers(model).values())
+
+
 def test_labelled_logits_match_the_causal_lm_loss() -> None:
     """The sampled targets cover exactly the positions of transformers' causal-LM loss."""
     logits = torch.randn(2, 5, VOCAB)
