@@ -389,6 +389,23 @@ def test_gn_sampled_needs_inputs_and_a_known_loss() -> None:
         lotion_fx.curvature_step(prepared, torch.randn(4, 16), loss="hinge")
 
 
+def test_first_examples_cuts_only_the_batch_dimension() -> None:
+    """The refresh's share of the batch: tensors whose leading dim is the batch size (that of the
+    first tensor argument) lose their tail; others (a (1, T) position tensor, scalars, non-tensors)
+    pass unchanged; at least one example is kept."""
+    from lotion_fx.curvature import first_examples
+
+    x, mask, pos = torch.randn(8, 5, 3), torch.ones(8, 5), torch.arange(5)[None]
+    args, kw = first_examples((x, 2.0), {"attention_mask": mask, "position_ids": pos, "flag": True,
+                                          "scale": torch.tensor(3.0)}, 0.25)
+    assert args[0].shape == (2, 5, 3) and torch.equal(args[0], x[:2]) and args[1] == 2.0
+    assert kw["attention_mask"].shape == (2, 5) and kw["position_ids"] is pos and kw["flag"] is True
+    assert kw["scale"].dim() == 0
+    assert first_examples((x[:1],), {}, 0.25)[0][0].shape[0] == 1  # ceil, never empty
+    assert first_examples((x,), {}, 1.0)[0][0] is x
+    assert first_examples((), {"input_ids": x}, 0.3)[1]["input_ids"].shape[0] == 3  # ceil(2.4)
+
+
 def test_state_keeps_its_dtype_when_the_model_is_cast() -> None:
     """bf16 casts of the model must not cast the curvature (g * 0.999 == g in bf16)."""
     for curvature, dtype in (("ema", torch.float32), ("gn_sampled", torch.bfloat16)):
