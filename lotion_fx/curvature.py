@@ -50,20 +50,32 @@ class _WithGradient(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None
 
 
-def _sampled_cross_entropy(logits: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-    """(summed cross-entropy / sqrt(N), its gradient in `logits` (N, V)) at labels drawn from
+def _sampled_cross_entropy(logits: Tensor, key: Tensor, first_row: int = 0, n: int | None = None
+                           ) -> tuple[Tensor, Tensor]:
+    """(summed cross-entropy / sqrt(n), its gradient in `logits` (rows, V)) at labels drawn from
     softmax(logits) by the Gumbel-max trick, argmax(logits - log(-log(U))), with U the counter-based
     noise keyed by `key` (24 bits, taken at bin centres: the Gumbel tail is cut at 17.3, a 3e-8
-    chance per logit). Pointwise and row reductions only, so Inductor fuses it into two passes."""
+    chance per logit). Pointwise and row reductions only, so Inductor fuses it into two passes.
+    `first_row`, `n`: these rows are a slice of n (the same noise and scale as the whole)."""
     x = logits.float()
-    n = x.shape[0]
-    u = R.uniform_noise(x.numel(), key, 0, x.device).reshape(x.shape) + 2.0**-25
+    n = x.shape[0] if n is None else n
+    u = R.uniform_noise(x.numel(), key, 0, x.device, first_row * x.shape[-1]).reshape(x.shape) + 2.0**-25
     target = (x - torch.log(-torch.log(u))).argmax(-1, keepdim=True)
     p = x.softmax(-1)
     picked = p.gather(-1, target)
     hit = torch.arange(x.shape[-1], device=x.device) == target
     grad = torch.where(hit, p - 1.0, p) * (1.0 / math.sqrt(n))
     return -picked.log().sum() / math.sqrt(n), grad.to(logits.dtype)
+
+
+def _sampled_cross_entropy_in_slices(logits: Tensor, key: Tensor, elements: int = 1 << 22
+                                     ) -> tuple[Tensor, Tensor]:
+    """_sampled_cross_entropy over slices of about `elements` logits: the same labels and gradient with
+    O(elements) temporaries (eager, the noise alone holds ~3 int64 copies of its input)."""
+    n, v = logits.shape
+    rows = max(1, elements // max(v, 1))
+    parts = [_sampled_cross_entropy(logits[i:i + rows], key, i, n) for i in range(0, max(n, 1), rows)]
+    return torch.stack([p[0] for p in parts]).sum(), torch.cat([p[1] for p in parts])
 
 
 # On CUDA compiled (eager, the noise is ~20 int64 kernels over N x V, and softmax, sampling and the
@@ -87,13 +99,13 @@ def sampled_target_loss(
         logits = output.reshape(-1, output.shape[-1])
         dev = generator.device if generator is not None else logits.device
         key = torch.randint(0, 2**31, (), generator=generator, device=dev).to(logits.device)
-        fn = _sampled_cross_entropy
-        if logits.is_cuda:
-            if _SAMPLED_CE_COMPILED is None:
-                _SAMPLED_CE_COMPILED = torch.compile(_sampled_cross_entropy, fullgraph=True)
-            fn = _SAMPLED_CE_COMPILED
         with torch.no_grad():
-            value, grad = fn(logits.detach(), key)
+            if logits.is_cuda:
+                if _SAMPLED_CE_COMPILED is None:
+                    _SAMPLED_CE_COMPILED = torch.compile(_sampled_cross_entropy, fullgraph=True)
+                value, grad = _SAMPLED_CE_COMPILED(logits.detach(), key)
+            else:  # eager: a few full-size int64 temporaries each, so bounded slices of rows
+                value, grad = _sampled_cross_entropy_in_slices(logits.detach(), key)
         return _WithGradient.apply(logits, value, grad)
     out = output.float()
     if loss == "mse":

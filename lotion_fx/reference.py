@@ -183,15 +183,16 @@ def mix_seed(seed: int, salt: int) -> int:
     return int(hash32(v).item())
 
 
-def uniform_noise(numel: int, seed: int, step: Tensor | int, device: torch.device | str) -> Tensor:
-    """Counter-based U[0,1) noise, 24 bits, a function of (seed, step, index) alone.
+def uniform_noise(numel: int, seed: int, step: Tensor | int, device: torch.device | str, offset: int = 0) -> Tensor:
+    """Counter-based U[0,1) noise, 24 bits, a function of (seed, step, index) alone, for the indices
+    offset .. offset + numel - 1 (a slice of a longer stream, bit for bit).
 
     The same bits come out on every device and in every kernel (reference, Inductor, Triton),
     which is what makes stochastic rounding reproducible across CPU and CUDA.
     """
     step = torch.as_tensor(step, dtype=torch.int64, device=device)
     key = hash32((hash32(step & _M32) ^ (seed & _M32)) & _M32)
-    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     h = hash32(idx ^ key)
     return (h >> 8).to(torch.float32) * (2.0**-24)
 
