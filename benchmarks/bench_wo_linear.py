@@ -119,14 +119,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="int4,nvfp4,int8")
     ap.add_argument("--m", default="1,8,512")
-    ap.add_argument("--kernels", default="v2", help="M <= 4 GEMV variants to time: v2, v3, v3r0 ... v3r3")
+    ap.add_argument("--kernels", default=None, help="M <= 4 GEMV variants to time: v2, v3, v3r0 ... v3r3 "
+                    "(default: the library's, triton_matmul.GEMV_KERNEL)")
     ap.add_argument("--sweep", action="store_true", help="launch-config sweep of the v2 / tl.dot GEMVs")
     ap.add_argument("--sweep3", action="store_true", help="launch-config sweep of the v3 GEMV (M <= 4)")
     ap.add_argument("--sum8", action="store_true", help="also time M = 8 through the tl.sum GEMV (SUM_MAX_M = 8)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop sweeping after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    kernels = args.kernels.split(",")
+    kernels = args.kernels.split(",") if args.kernels else [T.GEMV_KERNEL]
     for v in kernels:
         if v not in ("v2", "v3", "v3r0", "v3r1", "v3r2", "v3r3"):
             ap.error(f"unknown GEMV variant {v!r}: choose from v2, v3, v3r0, v3r1, v3r2, v3r3")
