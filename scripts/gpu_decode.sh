@@ -6,7 +6,7 @@ set -u
 out=${OUT:-/tmp/gpu_decode}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$out/device.txt" 2>&1
-timeout ${T_KERNELS:-150} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_matmul.py --durations=5 2>&1 \
+timeout ${T_KERNELS:-300} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_matmul.py --durations=5 2>&1 \
   | grep -v DEBUG | tee "$out/test_triton_matmul_gpu.txt" | tail -15
 timeout ${T_WO:-90} python3 benchmarks/bench_wo_linear.py --m 1,8,512 --out "$out/bench_wo_linear.md" 2>&1 \
   | grep -v DEBUG | tail -5
