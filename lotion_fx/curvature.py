@@ -271,12 +271,12 @@ def _refresh_with(model, prepared, smooth, names, params, sharded, seed, step, l
         for sm in live:
             sm.fold_observed()
         return
-    square = not sharded and not data_parallel()
-    if not sharded and not square:  # DDP: the ranks' squared gradients are averaged, then folded
+    square = False  # FSDP2: sq holds the squares already
+    if not sharded and data_parallel():  # DDP: the ranks' squared gradients are averaged, then folded
         sq = [None if gr is None else gr.float().square() for gr in grads]
         _all_reduce_mean([s for s in sq if s is not None])
-    elif square:
-        sq = grads
+    elif not sharded:  # one process: the fold squares them in its fused pass
+        sq, square = grads, True
     # in the smoother's (out, in) view of the weight
     fold_sampled_all([(smooth[n], smoothed_weight(prepared, n, s)) for n, s in zip(names, sq) if s is not None],
                      square=square)
