@@ -30,7 +30,7 @@ def make_fwd(fmt: str, block: int):
 
 def make_bwd(fmt: str, block: int):
     def bwd(grad, w, g, c):
-        return torch.ops.lotion_fx.lotion_backward(grad, w, g, c, fmt, block, 1.0, 0.999, 1.0, 1, True)
+        return torch.ops.lotion_fx.lotion_backward(grad, w, g, c, fmt, block, 1.0, 0.999, 1.0, 1, True, True)
     return torch.compile(bwd, dynamic=False)
 
 

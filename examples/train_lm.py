@@ -49,6 +49,7 @@ class RunConfig:
     curvature_scale: float | None = None
     curvature_every: int | None = None
     curvature_batch_fraction: float | None = None
+    scale_grad: bool | None = None
     device: str = "cpu"
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
@@ -121,7 +122,8 @@ def train(rc: RunConfig) -> dict:
     overrides = {k: v for k, v in (("lam", rc.lam), ("lam_warmup", rc.lam_warmup), ("curvature", rc.curvature),
                                    ("curvature_scale", rc.curvature_scale),
                                    ("curvature_every", rc.curvature_every),
-                                   ("curvature_batch_fraction", rc.curvature_batch_fraction)) if v is not None}
+                                   ("curvature_batch_fraction", rc.curvature_batch_fraction),
+                                   ("scale_grad", rc.scale_grad)) if v is not None}
     lcfg = lotion_fx.LotionConfig(
         method=qmethod, format=rc.format, block_size=rc.block_size, seed=rc.seed, **overrides
     )
@@ -270,6 +272,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--curvature-every", type=int, default=None, help="steps between refreshes (default: LotionConfig's)")
     p.add_argument("--curvature-batch-fraction", type=float, default=None,
                    help="share of the batch the refresh runs on (default: LotionConfig's)")
+    p.add_argument("--scale-grad", type=lambda v: {"on": True, "off": False}[v], default=None,
+                   metavar="{on,off}", help="penalty gradient through the block scales (default: LotionConfig's)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "bf16", "fp32"])
     p.add_argument("--compile", action="store_true")

@@ -49,6 +49,11 @@ class LotionConfig:
         inputs (every tensor argument whose leading dim is B, the first tensor argument's): its cost
         scales with it, while one refresh's estimate is about as noisy at any batch (a squared sum).
     curvature_scale: multiplies g (1 = the estimator's own scale).
+    scale_grad: differentiate the penalty through the block scales too (default True): an absmax
+        scale (int4, int8) is set by the block's largest |w|, so the penalty also pulls that weight
+        in, which shrinks every other weight's rounding variance; nvfp4 through its fp32 tensor scale
+        only, mxfp4 not at all (its scales are powers of two). False holds the scales constant
+        (the behaviour before this option). README: choosing the default.
     beta: EMA decay of g (bias-corrected like Adam); None = 0.999 for "ema" (per step), 0.95 for
         "gn_sampled" and for each factor of "kfac_diag" (per refresh).
     grad_accum_steps: micro-batches per optimizer step; the loss is assumed divided by it, as in
@@ -67,6 +72,7 @@ class LotionConfig:
     curvature_every: int = 10
     curvature_batch_fraction: float = 0.25
     curvature_scale: float = 1.0
+    scale_grad: bool = True
     beta: float | None = None
     grad_accum_steps: int = 1
     skip: tuple[str, ...] = field(default_factory=tuple)
@@ -90,6 +96,8 @@ class LotionConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.scale_grad, bool):
+            raise ValueError(f"scale_grad must be True or False, got {self.scale_grad!r}")
         f = self.curvature_batch_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < f <= 1.0):
             raise ValueError(f"curvature_batch_fraction must be in (0, 1], got {f!r}")

@@ -67,35 +67,47 @@ def cleanup() -> None:
 # --------------------------------------------------------------------------- the update after reduction
 @torch.no_grad()
 def penalty_grad_rows(
-    w: Tensor, g_hat: Tensor, fmt: str, block: int, lam: float, tensor_amax: Tensor | None = None
+    w: Tensor, g_hat: Tensor, fmt: str, block: int, lam: float, scale_grad: bool = False,
+    tensor_amax: Tensor | None = None, group: Any = None,
 ) -> Tensor:
     """Penalty gradient of a block of whole rows of a weight, with the scales of the whole weight.
 
     Blocks run along in_features, so rows hold whole blocks; only the per-tensor part of a scale
     (nvfp4's fp32 tensor scale, or block 0 = one block per tensor) needs the whole weight's
     absmax, passed as `tensor_amax`. A sentinel row carrying that absmax makes `reference` compute
-    exactly the whole-tensor scale; its own entries are dropped.
+    exactly the whole-tensor scale; its own entries are dropped. With scale_grad, the per-tensor
+    scale's share and its tie count are all-reduced over `group` (every rank calls this together).
     """
     if tensor_amax is None:
-        return R.penalty_grad(w, g_hat, fmt, block, lam)
+        return R.penalty_grad(w, g_hat, fmt, block, lam, scale_grad)
     sentinel = torch.zeros((1, w.shape[-1]), dtype=w.dtype, device=w.device)
     sentinel[0, 0] = tensor_amax.to(w.dtype)
     ext_w = torch.cat([w.reshape(-1, w.shape[-1]), sentinel])
     ext_g = torch.cat([g_hat.reshape(-1, w.shape[-1]), torch.zeros_like(sentinel, dtype=g_hat.dtype)])
-    return R.penalty_grad(ext_w, ext_g, fmt, block, lam)[:-1].reshape(w.shape)
+    out = R.penalty_grad(ext_w, ext_g, fmt, block, lam)
+    if scale_grad:
+        def reduce(share: Tensor, ties: Tensor) -> tuple[Tensor, Tensor]:
+            both = torch.stack([share.reshape(()), ties.reshape(()) - 1])  # - 1: this rank's sentinel
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(both, group=group)
+            return both[0], both[1]
+
+        out = out + R.scale_variance_grad(ext_w, ext_g, fmt, block, lam, reduce)
+    return out[:-1].reshape(w.shape)
 
 
 @torch.no_grad()
 def _apply_after_reduction(
-    sm: LotionSmoother, w: Tensor, grad: Tensor, g: Tensor, tensor_amax: Tensor | None = None
+    sm: LotionSmoother, w: Tensor, grad: Tensor, g: Tensor, tensor_amax: Tensor | None = None,
+    group: Any = None,
 ) -> None:
     """The lotion backward (ops.lotion_backward_math: penalty from g of earlier steps, then the
     `ema` update) applied in place to the reduced (global-batch mean) task gradient, once per
     optimizer step. w, grad, g are the local rows (all of them under DDP)."""
     c = sm.config
-    pen = functools.partial(penalty_grad_rows, tensor_amax=tensor_amax)
+    pen = functools.partial(penalty_grad_rows, tensor_amax=tensor_amax, group=group)
     out = lotion_backward_math(grad, w, g, sm.count, sm.lam_now, sm.fmt, sm.block, c.beta,
-                               c.curvature_scale, 1, True, penalty_grad=pen)
+                               c.curvature_scale, 1, True, c.scale_grad, penalty_grad=pen)
     grad.copy_(out)
 
 
@@ -143,7 +155,7 @@ def _fsdp_hook(state: _SyncState, sm: LotionSmoother):
         if R.get_format(sm.fmt).needs_tensor_absmax(sm.block):
             amax = w.abs().amax().to(torch.float32) if w.numel() else torch.zeros((), device=w.device)
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group())
-        _apply_after_reduction(sm, w, grad, g, amax)
+        _apply_after_reduction(sm, w, grad, g, amax, p.device_mesh.get_group())
 
     return hook
 

@@ -25,20 +25,21 @@ def lotion_smooth(
     curvature_scale: float,
     grad_accum_steps: int,
     update_curvature: bool,
+    scale_grad: bool,
 ) -> Tensor:
     """Forward of `lotion`: the full-precision weight. The penalty acts in the backward."""
     return w.clone()
 
 
 @lotion_smooth.register_fake
-def _(w, g, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps, update_curvature):
+def _(w, g, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps, update_curvature, scale_grad):
     return torch.empty_like(w)
 
 
 def lotion_backward_math(
     grad: Tensor, w: Tensor, g: Tensor, count: Tensor, weight: Tensor, fmt: str, block: int,
     beta: float, curvature_scale: float, grad_accum_steps: int, update_curvature: bool,
-    penalty_grad=R.penalty_grad,
+    scale_grad: bool, penalty_grad=R.penalty_grad,
 ) -> Tensor:
     """grad + d/dw (weight/2) sum g_hat sigma^2; with update_curvature, then fold grad^2 into g.
 
@@ -47,14 +48,15 @@ def lotion_backward_math(
     has data. `weight` (0-dim) is lam times its schedule, read when the backward runs (the smoother
     sets it to 0 for the sampled-target pass of curvature_step). update_curvature is the `ema`
     estimator (g from the task gradient); `gn_sampled` folds g in curvature_step instead, and with
-    `adam` g and count are the optimizer's exp_avg_sq and step, read only.
+    `adam` g and count are the optimizer's exp_avg_sq and step, read only. scale_grad adds the part
+    of the penalty's gradient that flows through the block scales (reference.scale_variance_grad).
     Traceable (the Inductor lowering reuses it), so eager and compiled share one body; the
     distributed after-reduction path runs it too, with a `penalty_grad` that knows the whole
     tensor's absmax when w holds only this rank's rows.
     """
     block = int(block)  # a SymInt under Dynamo; blocks are static
     factor = R.curvature_factor(count, beta, curvature_scale) * weight
-    pen = penalty_grad(w, g.float() * factor, fmt, block, 1.0) / grad_accum_steps
+    pen = penalty_grad(w, g.float() * factor, fmt, block, 1.0, scale_grad) / grad_accum_steps
     if update_curvature:
         R.ema_update_(g, count, grad * grad_accum_steps, beta)  # undo the 1/k of accumulation
     return grad + pen.to(grad.dtype)
@@ -73,16 +75,18 @@ def lotion_backward(
     curvature_scale: float,
     grad_accum_steps: int,
     update_curvature: bool,
+    scale_grad: bool,
 ) -> Tensor:
     """The lotion backward as one op (see lotion_backward_math); mutates g and count."""
     return lotion_backward_math(
         grad, w, g, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps,
-        update_curvature,
+        update_curvature, scale_grad,
     )
 
 
 @lotion_backward.register_fake
-def _(grad, w, g, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps, update_curvature):
+def _(grad, w, g, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps, update_curvature,
+      scale_grad):
     return torch.empty_like(grad)
 
 
@@ -99,7 +103,7 @@ def _lotion_bwd(ctx, grad):
     (w,) = ctx.saved_tensors
     g, count, weight = ctx.state
     gw = torch.ops.lotion_fx.lotion_backward(grad, w, g, count, weight, *ctx.rest)
-    return (gw,) + (None,) * 9
+    return (gw,) + (None,) * 10
 
 
 lotion_smooth.register_autograd(_lotion_bwd, setup_context=_lotion_setup)
@@ -168,42 +172,42 @@ rtn_quantize.register_autograd(_rtn_bwd, setup_context=_rtn_setup)
 # --------------------------------------------------------------------------- lotion, kfac_diag curvature
 def lotion_backward_factored_math(
     grad: Tensor, w: Tensor, a: Tensor, b: Tensor, count: Tensor, weight: Tensor, fmt: str,
-    block: int, beta: float, curvature_scale: float, grad_accum_steps: int,
+    block: int, beta: float, curvature_scale: float, grad_accum_steps: int, scale_grad: bool,
 ) -> Tensor:
     """lotion_backward_math with g = b a^T formed here (state stays O(in + out)); each factor is an
     EMA with its own bias correction, so a second 1/(1 - beta^count) rides on `weight`."""
     g = b.float()[:, None] * a.float()[None, :]
     weight = weight * R.curvature_factor(count, beta, 1.0)
     return lotion_backward_math(grad, w, g, count, weight, fmt, block, beta, curvature_scale,
-                                grad_accum_steps, False)
+                                grad_accum_steps, False, scale_grad)
 
 
 @torch.library.custom_op("lotion_fx::lotion_smooth_factored", mutates_args=())
 def lotion_smooth_factored(
     w: Tensor, a: Tensor, b: Tensor, count: Tensor, weight: Tensor, fmt: str, block: int,
-    beta: float, curvature_scale: float, grad_accum_steps: int,
+    beta: float, curvature_scale: float, grad_accum_steps: int, scale_grad: bool,
 ) -> Tensor:
     """Forward of `lotion` with the factored curvature g = b a^T (kfac_diag): the weight itself."""
     return w.clone()
 
 
 @lotion_smooth_factored.register_fake
-def _(w, a, b, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps):
+def _(w, a, b, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps, scale_grad):
     return torch.empty_like(w)
 
 
 @torch.library.custom_op("lotion_fx::lotion_backward_factored", mutates_args=())
 def lotion_backward_factored(
     grad: Tensor, w: Tensor, a: Tensor, b: Tensor, count: Tensor, weight: Tensor, fmt: str,
-    block: int, beta: float, curvature_scale: float, grad_accum_steps: int,
+    block: int, beta: float, curvature_scale: float, grad_accum_steps: int, scale_grad: bool,
 ) -> Tensor:
     """The kfac_diag lotion backward as one op (see lotion_backward_factored_math)."""
     return lotion_backward_factored_math(grad, w, a, b, count, weight, fmt, block, beta,
-                                         curvature_scale, grad_accum_steps)
+                                         curvature_scale, grad_accum_steps, scale_grad)
 
 
 @lotion_backward_factored.register_fake
-def _(grad, w, a, b, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps):
+def _(grad, w, a, b, count, weight, fmt, block, beta, curvature_scale, grad_accum_steps, scale_grad):
     return torch.empty_like(grad)
 
 
@@ -217,7 +221,7 @@ def _factored_setup(ctx, inputs, output):
 def _factored_bwd(ctx, grad):
     (w,) = ctx.saved_tensors
     gw = torch.ops.lotion_fx.lotion_backward_factored(grad, w, *ctx.state, *ctx.rest)
-    return (gw,) + (None,) * 9
+    return (gw,) + (None,) * 10
 
 
 lotion_smooth_factored.register_autograd(_factored_bwd, setup_context=_factored_setup)

@@ -7,6 +7,8 @@ reductions, so Inductor can also lower them directly into one fused kernel.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,10 @@ from .formats import (
     as_block_spec,
     get_format,
 )
+
+
+# (share, ties) -> the same summed over every row shard of a weight (distributed.penalty_grad_rows)
+ShareReduce = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 # --------------------------------------------------------------------------- blocks
@@ -212,12 +218,16 @@ def to_bfloat16_stochastic(x: Tensor, seed: int, step: Tensor | int) -> Tensor:
 # --------------------------------------------------------------------------- public ops
 def _blocked_scaled(w: Tensor, fmt: Format, block: int) -> tuple[Tensor, Tensor]:
     wb, amax, s = _blocks_amax_scales(w, fmt, block)
+    return _scaled(wb, amax, s, fmt), s
+
+
+def _scaled(wb: Tensor, amax: Tensor, s: Tensor, fmt: Format) -> Tensor:
     if fmt.scale_rule != "absmax":
-        return wb / s, s
+        return wb / s
     # w / (amax / qmax) can land one ulp below qmax at the block's absmax, which gives that element
     # (a grid point) a spurious variance and a full-size penalty gradient; (w / amax) * qmax is
     # exactly +-qmax there (x / x == 1 in IEEE arithmetic).
-    return torch.where(amax > 0, wb / torch.where(amax > 0, amax, 1.0) * fmt.qmax, wb), s
+    return torch.where(amax > 0, wb / torch.where(amax > 0, amax, 1.0) * fmt.qmax, wb)
 
 
 def _resolve(w: Tensor, format: Format | str, block_size: int | str | None) -> tuple[Format, int]:
@@ -295,10 +305,47 @@ def penalty_value(w: Tensor, g: Tensor, fmt: Format | str, block: int, lam: floa
     return 0.5 * lam * (g.to(var.dtype) * var).sum()
 
 
-def penalty_grad(w: Tensor, g: Tensor, fmt: Format | str, block: int, lam: float) -> Tensor:
-    """Gradient of penalty_value in w with the block scale held constant: (lam/2) g s (a+b-2x)."""
+def penalty_grad(
+    w: Tensor, g: Tensor, fmt: Format | str, block: int, lam: float, scale_grad: bool = False
+) -> Tensor:
+    """Gradient of penalty_value in w: (lam/2) g s (a+b-2x) with the block scale held constant;
+    with scale_grad, plus the part that flows through the scale (scale_variance_grad)."""
     vg = variance_grad(w, fmt, block)
-    return 0.5 * lam * g.to(vg.dtype) * vg
+    pen = 0.5 * lam * g.to(vg.dtype) * vg
+    return pen + scale_variance_grad(w, g, fmt, block, lam) if scale_grad else pen
+
+
+def scale_variance_grad(
+    w: Tensor, g: Tensor, fmt: Format | str, block: int, lam: float, reduce: ShareReduce | None = None
+) -> Tensor:
+    """The part of d/dw (lam/2) sum g sigma^2 that flows through the scales (exact almost everywhere).
+
+    At fixed |w|, sigma^2 = (|w| - s a)(s b - |w|) has d sigma^2/ds = s (m (a + b) - 2 a b). An absmax
+    scale is amax / qmax, so a block's sum reaches its largest |w| (split evenly between ties): it
+    pulls the outlier that sets the grid, which shrinks every other weight's rounding variance.
+    nvfp4's E4M3 block scales and mxfp4's powers of two are piecewise constant in w (derivative 0);
+    nvfp4's fp32 tensor scale is amax / 2688 and every block scale is proportional to it, so its
+    share, sum_b s_b dP/ds_b / amax, reaches the tensor's largest |w|. When w holds only some rows of
+    the weight, `reduce(share, ties)` sums a per-tensor share and tie count over all of them.
+    """
+    fmt = get_format(fmt)
+    if fmt.scale_rule == "mxfp4":
+        return torch.zeros_like(w, dtype=compute_dtype(w))
+    wb, amax, s = _blocks_amax_scales(w, fmt, block)
+    x = _scaled(wb, amax, s, fmt)
+    m, a, b = grid_neighbors(x, fmt)
+    inside = (m > a) & (x.abs() < fmt.qmax)  # sigma^2 is flat (0) on grid points and when clamped
+    gb = to_blocks(g.to(x.dtype), block)
+    dp_ds = torch.where(inside, (0.5 * lam) * gb * s * (m * (a + b) - 2 * a * b), 0).sum(-1, keepdim=True)
+    per_block = fmt.scale_rule == "absmax"
+    top, share = (amax, dp_ds / fmt.qmax) if per_block else (amax.amax(), (dp_ds * s).sum())
+    at_top = (wb.abs() == top) & (top > 0)
+    ties = at_top.sum(dim=-1 if per_block else (0, 1, 2), keepdim=per_block).to(x.dtype)
+    if reduce is not None and (not per_block or block == PER_TENSOR):
+        share, ties = reduce(share, ties)
+    if not per_block:  # d(tensor scale)/d amax = tensor scale / amax
+        share = share / torch.where(top > 0, top, 1.0)
+    return torch.where(at_top, torch.sign(wb) * share / ties.clamp(min=1), 0).reshape(w.shape)
 
 
 def unclamped_mask(w: Tensor, fmt: Format | str, block: int) -> Tensor:

@@ -108,6 +108,7 @@ class LotionSmoother(nn.Module):
         saved = state_dict.get(prefix + "config_json")
         if isinstance(saved, Tensor) and saved.device.type != "meta":
             theirs = json.loads(bytes(saved.cpu().tolist()).decode())
+            theirs.setdefault("scale_grad", False)  # saved before the option existed: scales held constant
             mine = self._config_record()
             if theirs != mine:
                 diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
@@ -127,6 +128,8 @@ class LotionSmoother(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         self.check_loadable(state_dict, prefix)
+        if prefix + "config_json" in state_dict:  # same config, maybe another JSON (older keys)
+            state_dict[prefix + "config_json"] = self._buffers["config_json"]
         self._host_steps = None  # the loaded `steps` buffer is the truth again
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -250,7 +253,7 @@ class LotionSmoother(nn.Module):
         if c.curvature == "kfac_diag":  # g = kfac_out kfac_in^T is formed in the backward only
             return torch.ops.lotion_fx.lotion_smooth_factored(
                 w, self.kfac_in, self.kfac_out, self.count, self.lam_now, self.fmt, self.block, c.beta,
-                c.curvature_scale, c.grad_accum_steps,
+                c.curvature_scale, c.grad_accum_steps, c.scale_grad,
             )
         curv = self.curvature(w)
         if curv is None:
@@ -265,7 +268,7 @@ class LotionSmoother(nn.Module):
             )
         return torch.ops.lotion_fx.lotion_smooth(
             w, g, count, self.lam_now, self.fmt, self.block, beta, c.curvature_scale,
-            c.grad_accum_steps, update,
+            c.grad_accum_steps, update, c.scale_grad,
         )
 
     @torch.no_grad()

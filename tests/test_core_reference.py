@@ -232,6 +232,58 @@ def test_penalty_gradient_matches_autograd_with_scale_held_constant(fmt):
     torch.testing.assert_close(fd, R.penalty_grad(w, g, fmt, 16, lam).reshape(-1)[0], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("fmt, block", [("int8", 16), ("int4", 16), ("int4", 0), ("nvfp4", 16), ("mxfp4", 16)])
+def test_penalty_gradient_through_the_scale_matches_autograd_and_finite_differences(fmt, block):
+    """scale_grad=True: the scale is a function of w (int: block absmax / qmax; nvfp4: E4M3 block
+    factor, piecewise constant, times the tensor absmax / 2688; mxfp4: a power of two, constant a.e.)."""
+    w = weights(9)
+    g = torch.rand(w.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    lam, f = 0.7, lotion_fx.get_format(fmt)
+    s_const = R.block_scales(w, fmt, block)
+
+    def penalty(wv: torch.Tensor) -> torch.Tensor:
+        wb = R.to_blocks(wv, block)
+        if fmt.startswith("int"):
+            s = wb.abs().amax(-1, keepdim=True) / f.qmax
+        elif fmt == "nvfp4":
+            s = s_const / (w.abs().max() / 2688) * (wv.abs().max() / 2688)
+        else:
+            s = s_const
+        m = torch.clamp((wb / s).abs(), max=f.qmax)
+        _, a, b = R.grid_neighbors(m.detach(), fmt)
+        return 0.5 * lam * (R.to_blocks(g, block) * s**2 * (m - a) * (b - m)).sum()
+
+    wv = w.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(penalty(wv), wv)
+    kink = lotion_fx.rounding_variance(w, fmt, block) == 0  # grid points: the subgradient 0, as before
+    top = R.to_blocks(w.abs(), block) == R.to_blocks(w.abs(), block).amax(-1, keepdim=True)
+    pg = R.penalty_grad(w, g, fmt, block, lam, scale_grad=True)
+    ok = ~kink | top.reshape(w.shape)  # a block's top sits on the grid, yet carries the scale's share
+    torch.testing.assert_close(pg[ok], auto[ok], rtol=1e-10, atol=1e-14)
+    held = R.penalty_grad(w, g, fmt, block, lam)
+    i = int(w.abs().argmax())  # the tensor's largest |w| sets a scale in every format
+    e = torch.zeros(w.numel(), dtype=w.dtype)
+    e[i] = 1e-7
+    fd = (penalty(w + e.reshape(w.shape)) - penalty(w - e.reshape(w.shape))) / 2e-7
+    torch.testing.assert_close(pg.reshape(-1)[i], fd, rtol=1e-5, atol=1e-12)
+    if fmt == "mxfp4":
+        assert torch.equal(pg, held)
+    else:
+        assert abs(float(fd)) > 1e-3 and float(held.reshape(-1)[i]) == 0  # held constant, the top gets nothing
+
+
+def test_penalty_gradient_through_the_scale_splits_evenly_between_tied_maxima():
+    w = weights(11)
+    w[2, 3], w[2, 9] = 9.0, -9.0  # a tie for the absmax of row 2's first block of 16
+    g = torch.rand(w.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    pg = R.penalty_grad(w, g, "int4", 16, 1.0, scale_grad=True)
+    assert pg[2, 3] == -pg[2, 9] != 0
+    e = torch.zeros_like(w)
+    e[2, 3], e[2, 9] = 1e-7, -1e-7  # move both magnitudes together: the block's absmax moves by h
+    fd = (R.penalty_value(w + e, g, "int4", 16, 1.0) - R.penalty_value(w - e, g, "int4", 16, 1.0)) / 2e-7
+    torch.testing.assert_close(pg[2, 3] - pg[2, 9], fd, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("fmt, qmax, block", [("int8", 127, "row"), ("int4", 7, 32), ("int4", 7, 128)])
 def test_codes_and_scales_equal_torchaos_own_symmetric_quantizer(fmt: str, qmax: int, block) -> None:
     """Where our formats coincide with torchao's symmetric affine quantization (int8 per row, int4

@@ -29,15 +29,12 @@ def data(seed: int, n: int = 24, dtype=torch.float64):
     return torch.randn(n, 32, generator=g, dtype=dtype), torch.randn(n, 16, generator=g, dtype=dtype)
 
 
-def int4_variance_grad(w: torch.Tensor, block: int) -> torch.Tensor:
-    """d sigma^2/dw = s (a + b - 2|x|) sign(x) for int4, scale absmax/7 held constant (0 on grid points)."""
-    wb = w.reshape(w.shape[0], -1, block)
-    s = wb.abs().amax(-1, keepdim=True) / 7
-    x = wb / s
-    m = x.abs()
-    a = torch.floor(m)
-    inside = (m > a) & (m < 7) & ((m - 7).abs() > 1e-9)
-    return torch.where(inside, torch.sign(x) * s * (2 * a + 1 - 2 * m), 0.0).reshape(w.shape)
+def int4_penalty_grad(w: torch.Tensor, g_hat: torch.Tensor, lam: float, block: int) -> torch.Tensor:
+    """d/dw (lam/2) sum g_hat sigma^2(w) for int4, by float64 autograd of int4_variance: the scale
+    absmax/7 is differentiated too (LotionConfig.scale_grad, the default)."""
+    w = w.detach().clone().requires_grad_()
+    (0.5 * lam * (g_hat * int4_variance(w, block)).sum()).backward()
+    return w.grad
 
 
 def int4_variance(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -74,7 +71,7 @@ def test_lotion_gradient_and_ema_match_float64_recomputation():
             w, task = model.get_parameter(n).detach(), plain.get_parameter(n).grad
             # the penalty uses g from *before* this step's update, bias-corrected by its count
             g_hat = cs * g_ref[n] / (1 - beta**step) if step else torch.zeros_like(w)
-            expect = task + 0.5 * lam * g_hat * int4_variance_grad(w, 16)
+            expect = task + int4_penalty_grad(w, g_hat, lam, 16)
             close(model.get_parameter(n).grad, expect)
             penalty_seen |= bool((expect - task).abs().max() > 1e-3 * task.abs().max())
             g_ref[n] = beta * g_ref[n] + (1 - beta) * task**2
@@ -111,7 +108,7 @@ def test_grad_accumulation_splits_the_penalty_and_feeds_full_size_gradients_to_g
             for n in NAMES:
                 w, task = model.get_parameter(n).detach(), plain.get_parameter(n).grad
                 g_hat = cs * g_ref[n] / (1 - beta**count) if count else torch.zeros_like(w)
-                expect[n] += task + 0.5 * lam * g_hat * int4_variance_grad(w, 16) / k
+                expect[n] += task + int4_penalty_grad(w, g_hat, lam, 16) / k
                 g_ref[n] = beta * g_ref[n] + (1 - beta) * (k * task) ** 2
             count += 1
         for n in NAMES:
@@ -147,7 +144,7 @@ def test_adam_curvature_reads_exp_avg_sq_after_attach():
                 continue
             st = opt.state[p]
             v_hat = st["exp_avg_sq"] / (1 - 0.99 ** st["step"].item())
-            expect = task + 0.5 * lam * cs * v_hat * int4_variance_grad(p.detach(), 16)
+            expect = task + int4_penalty_grad(p, cs * v_hat, lam, 16)
             close(p.grad, expect)
         opt.step()
         opt.zero_grad()

@@ -9,6 +9,7 @@ penalty switched off during its backward and no parameter or .grad touched.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -259,7 +260,9 @@ def test_kfac_diag_penalty_state_and_bytes(capture) -> None:
     torch.testing.assert_close(sm.g_hat(w).double(), g_hat, rtol=1e-6, atol=0)
     before = {k: v.clone() for k, v in sm.state_dict().items()}
     (prepared(x) * 0).sum().backward()  # task gradient 0: w.grad is the penalty's alone
-    torch.testing.assert_close(w.grad, R.penalty_grad(w.detach(), g_hat, "int4", 16, 2.0).to(w.dtype))
+    wr = w.detach().clone().requires_grad_()  # float64 autograd of the penalty, through the scale too
+    R.penalty_value(wr, g_hat, "int4", 16, 2.0).backward()
+    torch.testing.assert_close(w.grad, wr.grad)
     assert float(w.grad.abs().max()) > 0
     for k, v in sm.state_dict().items():  # a training step observes nothing
         assert torch.equal(v, before[k]), k
@@ -435,6 +438,15 @@ def test_checkpoint_under_another_config_or_with_nan_curvature_is_refused() -> N
     bad[key].view(-1)[0] = math.nan
     with pytest.raises(ValueError, match="NaN/Inf"):
         c.load_state_dict(bad)
+    # a checkpoint saved before scale_grad existed trained with the scales held constant
+    old = dict(sd)
+    for k in [k for k in old if k.endswith("config_json")]:
+        rec = json.loads(bytes(old[k].tolist()).decode())
+        del rec["scale_grad"]
+        old[k] = torch.tensor(list(json.dumps(rec, sort_keys=True).encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"another config.*'scale_grad': \(False, True\)"):
+        c.load_state_dict(old)
+    lotion_fx.prepare(MLP(), lotion_fx.LotionConfig(format="int4", block_size=16, scale_grad=False)).load_state_dict(old)
 
 
 def test_bf16_stochastic_rounding_keeps_a_slow_ema_unbiased() -> None:

@@ -296,8 +296,12 @@ def test_row_shards_keep_whole_tensor_scales(fmt: str, block) -> None:
     full = R.penalty_grad(w, g, fmt, b, 0.7)
     amax = w.abs().amax()
     for rows in torch.arange(7).chunk(2) + (torch.arange(0),):
-        part = D.penalty_grad_rows(w[rows], g[rows], fmt, b, 0.7, amax)
+        part = D.penalty_grad_rows(w[rows], g[rows], fmt, b, 0.7, tensor_amax=amax)
         assert torch.equal(part, full[rows])
+    if not R.get_format(fmt).needs_tensor_absmax(b):  # scale_grad: a block's share stays in its row
+        full = R.penalty_grad(w, g, fmt, b, 0.7, scale_grad=True)  # (per-tensor shares: the gloo tests)
+        for rows in torch.arange(7).chunk(2):
+            assert torch.equal(D.penalty_grad_rows(w[rows], g[rows], fmt, b, 0.7, scale_grad=True), full[rows])
     if fmt == "nvfp4":  # without the whole-tensor absmax the small-row shard would get other scales
         small = torch.arange(3)
         assert not torch.equal(R.penalty_grad(w[small], g[small], fmt, b, 0.7), full[small])
