@@ -12,11 +12,14 @@ Storage (one layout per format; `pack` builds it from `reference.quantize`'s cod
 
 Dequantization is `(code_f32 * scale_f32).to(dtype)` with nvfp4's scale `e4m3_f32 * tensor_scale`:
 the same float operations as `reference.fake_quantize`, so the weight the kernels multiply by is
-bit-exact to what `quantized_eval` uses. M <= 4: `_gemv3_kernel` (the default, `GEMV_KERNEL = "v3"`:
-int32-word loads, elementwise fp32 accumulation, one reduction per program) or `_gemv_kernel` (v2: fp32
-multiply + tl.sum per tile, even/odd columns decoded separately; v3's fallback); 4 < M <= 16: split-K
-tl.dot; M > 16: dequantize to x's dtype in one pass, then F.linear (cuBLAS). Measured in
-docs/deploy_kernels.md.
+bit-exact to what `quantized_eval` uses. M <= 16 (`GEMV3_MAX_M`): `_gemv3_kernel` (the default,
+`GEMV_KERNEL = "v3"`: int32-word loads, elementwise fp32 accumulation with one accumulator per row of x, so
+the weight is read once for all M rows, one reduction per program; M > 4 has its own launch configs, fewer
+rows and one word per thread, for registers; `GEMV_KERNEL = "v3dot"` runs `_gemv3dot_kernel` there instead:
+v3's decode, then a tensor-core tl.dot with the <= 16 rows). Where v3's layout preconditions fail (or with
+"v2"): M <= 4 `_gemv_kernel` (v2: fp32 multiply + tl.sum per tile, even/odd columns decoded separately),
+4 < M <= 16 split-K tl.dot. M > 16: dequantize to x's dtype in one pass, then F.linear (cuBLAS). Measured
+in docs/deploy_kernels.md.
 `weight_only_linear` is a `torch.library.triton_op`, so torch.compile (and CUDA graphs) trace it
 without a graph break; `linear_reference` is the plain-torch path (CPU) and the tests' reference.
 """
@@ -209,7 +212,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm, 
     tl.store(out, _round_to(acc, o_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (offs_n[None, :] < N))
 
 
-# ----------------------------------------------------------------------------- GEMV v3 (M <= 4)
+# ----------------------------------------------------------------------------- GEMV v3 (M <= 16)
 # v2 above loads bytes (int16 words for int8) in a 3-D tile, loads x's even / odd columns with stride-2 loads
 # (one load per weight and row), rounds with a scalar F2F per weight and reduces across threads per tile.
 # v3: each thread owns R consecutive int32 words of a row (one 16-byte load for int4 / int8, R = 4: 32 / 16
@@ -219,6 +222,9 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm, 
 # into a per-thread accumulator; one cross-thread reduction per program at the end. No layout conversion
 # in the loop: the word index along the thread axis is marked non-contiguous so that Triton gives the
 # weight, scale and x loads the same thread mapping (checked on the sm_90 TTGIR / SASS).
+# M rows of x (BM <= 16): each decoded weight feeds one FFMA per row, into BM accumulators, so the weight is
+# read and decoded once for all rows (4 + BM instructions per weight at best, plus x's bf16 -> fp32
+# conversions over BLOCK_N); the M <= 4 code (SASS) is unchanged by the generalisation.
 @triton.jit
 def _codes3(v, FMT: tl.constexpr):
     """Codes of the int32 words v (code + 8 nibbles, int8 codes or E2M1 nibbles) as exact fp32: a tuple whose
@@ -389,11 +395,14 @@ def _gemv3_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm,
                   FMT: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BM: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr, GW: tl.constexpr,
                   ROUND: tl.constexpr, EVEN: tl.constexpr):
-    """M <= BM <= 4 rows, the weight as int32 words (q_ptr, stride_qn in words): o[m, n] = sum_k x[m, k] W[n, k].
+    """M <= BM <= 16 rows, the weight as int32 words (q_ptr, stride_qn in words): o[m, n] = sum_k x[m, k] W[n, k].
     Program (pid_n, pid_k) owns BLOCK_N rows and iters_per tiles of BLOCK_W words; a thread holds R consecutive
     words (sharing one scale: GW = words per scale group, a multiple of R, or 0 for one scale per row) of each
-    of its rows, accumulates elementwise in fp32 and reduces once at the end. EVEN: BLOCK_W divides K's words
-    (no masks; rows past N are clamped and not stored). PARTIAL: fp32 partials o[pid_k, m, n]."""
+    of its rows, accumulates elementwise in fp32 (one accumulator per row of x: each decoded weight is
+    multiplied into all BM rows, so the weight is read once for all of them) and reduces once at the end.
+    Registers grow as BM * BLOCK_N * R accumulators (see _gemv3_config). EVEN: BLOCK_W divides K's words (no
+    masks; rows past N are clamped and not stored). Rows m >= M (BM > M) read row M - 1 and are not stored.
+    PARTIAL: fp32 partials o[pid_k, m, n]."""
     CPW: tl.constexpr = 4 if FMT == 0 else 8
     CH: tl.constexpr = 4 if x_ptr.dtype.element_ty.primitive_bitwidth == 32 else CPW  # x per 16-byte load
     G: tl.constexpr = BLOCK_W // R
@@ -411,10 +420,9 @@ def _gemv3_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm,
     ts = tl.load(ts_ptr)
     if GW == 0:
         s = _scale3(tl.load(s_ptr + n3 * stride_sn), ts, FMT)
-    acc0 = tl.zeros((BLOCK_N, R, G), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, R, G), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, R, G), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N, R, G), dtype=tl.float32)
+    accs = ()
+    for m in tl.static_range(BM):
+        accs = accs + (tl.zeros((BLOCK_N, R, G), dtype=tl.float32),)
     it0 = pid_k * iters_per
     it1 = tl.minimum(it0 + iters_per, tl.cdiv(KW, BLOCK_W))
     for it in range(it0, it1):
@@ -434,20 +442,15 @@ def _gemv3_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm,
                 s = _scale3(tl.load(sp, mask=wg < KW, other=0, eviction_policy="evict_first"), ts, FMT)
         cs = _codes3(v, FMT)
         xk = wi[:, :, :, None] * CPW + c4  # (1, R, G, CH)
-        x0 = _xrow3(x_ptr, xk, K, CPW, CH, not EVEN)
-        if BM > 1:  # rows m >= M read row M - 1 (in bounds, no mask) and are not stored
-            x1 = _xrow3(x_ptr + tl.minimum(1, M - 1) * stride_xm, xk, K, CPW, CH, not EVEN)
-        if BM > 2:
-            x2 = _xrow3(x_ptr + tl.minimum(2, M - 1) * stride_xm, xk, K, CPW, CH, not EVEN)
-            x3 = _xrow3(x_ptr + tl.minimum(3, M - 1) * stride_xm, xk, K, CPW, CH, not EVEN)
+        xs = ()  # BM rows of x at the tile's columns: tuples of CPW (1, R, G)
+        for m in tl.static_range(BM):
+            xs = xs + (_xrow3(_xrow_ptr(x_ptr, m, M, stride_xm), xk, K, CPW, CH, not EVEN),)
         for i in tl.static_range(CPW):
             w = _round3(cs[i] * s, OUT, ROUND, i)  # the dequantized weight, bit-exact
-            acc0 += w * x0[i]
-            if BM > 1:
-                acc1 += w * x1[i]
-            if BM > 2:
-                acc2 += w * x2[i]
-                acc3 += w * x3[i]
+            new = ()
+            for m in tl.static_range(BM):
+                new = new + (accs[m] + w * xs[m][i],)
+            accs = new
     nmask = offs_n < N
     out = o_ptr + pid_k * M * N + offs_n
     OT: tl.constexpr = o_ptr.dtype.element_ty
@@ -455,12 +458,20 @@ def _gemv3_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm,
         bias = tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    tl.store(out, _round_to(_rowsum(acc0) + bias, OT), mask=nmask)
-    if BM > 1:
-        tl.store(out + N, _round_to(_rowsum(acc1) + bias, OT), mask=offs_n < tl.where(1 < M, N, 0))
-    if BM > 2:
-        tl.store(out + 2 * N, _round_to(_rowsum(acc2) + bias, OT), mask=offs_n < tl.where(2 < M, N, 0))
-        tl.store(out + 3 * N, _round_to(_rowsum(acc3) + bias, OT), mask=offs_n < tl.where(3 < M, N, 0))
+    for m in tl.static_range(BM):
+        if m == 0:
+            tl.store(out, _round_to(_rowsum(accs[0]) + bias, OT), mask=nmask)
+        else:
+            tl.store(out + m * N, _round_to(_rowsum(accs[m]) + bias, OT), mask=offs_n < tl.where(m < M, N, 0))
+
+
+@triton.jit
+def _xrow_ptr(x_ptr, m: tl.constexpr, M, stride_xm):
+    """Row m of x, or row M - 1 for m >= M (in bounds, no mask: rows past M are computed and not stored)."""
+    if m == 0:
+        return x_ptr
+    else:
+        return x_ptr + tl.minimum(m, M - 1) * stride_xm
 
 
 @triton.jit
@@ -471,6 +482,77 @@ def _dot_acc(acc, x, w, IEEE: tl.constexpr):
         return acc + tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
     else:
         return acc + tl.dot(x, tl.trans(w.to(x.dtype)))
+
+
+@triton.jit
+def _interleave(c, CPW: tl.constexpr):
+    """Tuple of CPW (BLOCK_N, BLOCK_W) tensors, element i = code i of each word -> (BLOCK_N, BLOCK_W * CPW) with
+    column CPW * word + i (the join axes stay inside a thread: no data movement)."""
+    A: tl.constexpr = c[0].shape[0]
+    B: tl.constexpr = c[0].shape[1]
+    if CPW == 4:
+        t = tl.join(tl.join(c[0], c[2]), tl.join(c[1], c[3]))  # t[..., a, b] = c[2a + b]
+        return tl.reshape(t, (A, B * 4))
+    else:
+        t0 = tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6]))
+        t1 = tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7]))
+        return tl.reshape(tl.join(t0, t1), (A, B * 8))  # [..., a, b, c] = c[4a + 2b + c]
+
+
+@triton.jit
+def _gemv3dot_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_qn, stride_sn, iters_per,
+                     FMT: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_W: tl.constexpr, GW: tl.constexpr, EVEN: tl.constexpr):
+    """"v3dot", 4 < M <= 16, 16-bit x: v3's int32-word decode (the same bits, rounded to x's dtype with Triton's
+    cast), then one tensor-core tl.dot per tile with x's M <= 16 rows (rows >= M masked to 0), fp32 accumulation
+    (products of 16-bit floats are exact; the MMA's fp32 sums are not IEEE-ordered, like every tl.dot). The weight
+    is read once for all rows and the decode cost per weight does not grow with M (the sm_90 SASS: about 6-9
+    instructions per weight for int4 / int8, 9-13 for nvfp4, vs v3's 15-18 at M = 8 and 25-32 at M = 16); the
+    decoded tile goes to the MMA operand layout through shared memory. Program (pid_n, pid_k) owns BLOCK_N >= 16
+    rows and iters_per tiles of BLOCK_W words; EVEN / PARTIAL as in _gemv3_kernel. M is not a constexpr: one
+    compile serves every M."""
+    CPW: tl.constexpr = 4 if FMT == 0 else 8
+    OUT: tl.constexpr = x_ptr.dtype.element_ty
+    BK: tl.constexpr = BLOCK_W * CPW
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    KW = K // CPW
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n2 = tl.minimum(offs_n, N - 1)[:, None]
+    w2 = tl.arange(0, BLOCK_W)[None, :]
+    rows = tl.arange(0, 16)[:, None]
+    kk = tl.arange(0, BK)[None, :]
+    ts = tl.load(ts_ptr)
+    if GW == 0:
+        s = _scale3(tl.load(s_ptr + n2 * stride_sn), ts, FMT)
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    it0 = pid_k * iters_per
+    it1 = tl.minimum(it0 + iters_per, tl.cdiv(KW, BLOCK_W))
+    for it in range(it0, it1):
+        wi = it * BLOCK_W + w2  # (1, BLOCK_W) word index
+        xk = it * BK + kk
+        xp = x_ptr + rows * stride_xm + xk
+        if EVEN:
+            v = tl.load(q_ptr + n2 * stride_qn + wi, eviction_policy="evict_first")
+            x = tl.load(xp, mask=rows < M, other=0.0, eviction_policy="evict_last")
+        else:
+            v = tl.load(q_ptr + n2 * stride_qn + wi, mask=wi < KW, other=0, eviction_policy="evict_first")
+            x = tl.load(xp, mask=(rows < M) & (xk < K), other=0.0, eviction_policy="evict_last")
+        if GW != 0:
+            sp = s_ptr + n2 * stride_sn + wi // GW
+            if EVEN:
+                s = _scale3(tl.load(sp, eviction_policy="evict_first"), ts, FMT)
+            else:
+                s = _scale3(tl.load(sp, mask=wi < KW, other=0, eviction_policy="evict_first"), ts, FMT)
+        cs = _codes3(v, FMT)
+        ws = ()
+        for i in tl.static_range(CPW):
+            ws = ws + (_round_to(cs[i] * s, OUT),)  # the dequantized weight, bit-exact, in x's dtype
+        acc = _dot_acc(acc, x, _interleave(ws, CPW), False)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(o_ptr + pid_k * M * N + rows * N + offs_n[None, :], _round_to(acc, o_ptr.dtype.element_ty),
+             mask=(rows < M) & (offs_n[None, :] < N))
 
 
 @triton.jit
@@ -527,19 +609,38 @@ def _dequant_kernel(q_ptr, s_ptr, ts_ptr, w_ptr, N, K, stride_qn, stride_sn, gro
 
 # ----------------------------------------------------------------------------- launch heuristics
 N_SM = 132  # H100 SXM; the heuristics only need its order of magnitude
-GEMV_MAX_M = 16  # M <= this: split-K GEMV (tl.sum for M <= 4, tl.dot above); larger: tiled GEMM
-SUM_MAX_M = 4
+GEMV_MAX_M = 16  # M <= this: a GEMV (v3 for M <= GEMV3_MAX_M, else tl.sum for M <= 4, tl.dot above)
+SUM_MAX_M = 4  # M <= this: v3's M <= 4 launch configs, and the v2 tl.sum GEMV (v3's fallback)
 # M >= this (prefill): dequantize to x's dtype, then cuBLAS: on an H100 at M = 512 that is 1.3-1.7x bf16's
 # F.linear while the tiled tl.dot kernel (kept for 4 < M <= 16, and tested) was 10-20x.
 DEQUANT_MIN_M = GEMV_MAX_M + 1
 # (BLOCK_N, BLOCK_K, num_warps, split_k) for every GEMV launch, for sweeps (benchmarks/bench_wo_linear.py)
 GEMV_OVERRIDE: tuple[int, int, int, int] | None = None
-# M <= SUM_MAX_M: "v3" (_gemv3_kernel, int32 words; falls back to v2 where the layout does not allow it: rows
-# not a multiple of 4 bytes, scale groups that split a word) or "v2" (_gemv_kernel). H100, M = 1, int4 at
-# the 1.1B decode shapes: v3 2.6-34.8 us per call vs v2 3.8-41.4 (bench_wo_linear.py --kernels v2,v3).
-GEMV_KERNEL = "v3"
-# (BLOCK_N, BLOCK_W, R, num_warps, split_k, ROUND) for every v3 launch, for sweeps; GEMV3_ROUND replaces only
-# the bf16 rounding (0: Triton's cast, 1: packed cvt, 2: Veltkamp, 3: one code in 4 Veltkamp, see _round3)
+# "v3": M <= GEMV3_MAX_M runs _gemv3_kernel (int32 words, one pass over the weight for all M rows); it falls
+# back where the layout does not allow it (rows not a multiple of 4 bytes, scale groups that split a word) to
+# what "v2" runs: _gemv_kernel (tl.sum) for M <= SUM_MAX_M, the split-K tl.dot GEMV for SUM_MAX_M < M <=
+# GEMV_MAX_M. "v3dot": v3, except _gemv3dot_kernel (v3's decode, then tensor-core tl.dot) for 4 < M with
+# 16-bit x. "auto" (the default): v3 for M <= SUM_MAX_M; for SUM_MAX_M < M <= AUTO_WIDE_MAX_M the kernel that
+# was fastest at M = 8 on the H100 (_auto_wide_kernel); above, v2. H100, M = 1, int4 at the 1.1B decode shapes:
+# v3 2.6-34.8 us per call vs v2 3.8-41.4 (bench_wo_linear.py --kernels v2,v3); M = 8 in
+# docs/results/bench_wo_linear_m8.md (bench_wo_linear.py --m 8 --kernels v2,v3,v3dot).
+GEMV_KERNEL = "auto"
+AUTO_WIDE_MAX_M = 8  # M = 16 was not timed: v2 there
+
+
+def _auto_wide_kernel(m: int, n: int, fmt: str, dtype: torch.dtype) -> str:
+    """GEMV_KERNEL "auto" at SUM_MAX_M < M: the H100's fastest at M = 8 (bench_wo_linear --m 8, shapes of the
+    1.1B model): int8 with 16-bit x: v3dot (tensor cores; 0.81-2.14x bf16) except 512-row weights (v3);
+    nvfp4: v3 at every shape (0.54-1.20x); int4: v3 up to 4096 rows (0.51-1.22x), v2 above (0.61-0.81x)."""
+    if m > AUTO_WIDE_MAX_M:
+        return "v2"
+    if fmt == "int8":
+        return "v3dot" if n > 512 and dtype != torch.float32 else "v3"
+    return "v3" if fmt == "nvfp4" or n <= 4096 else "v2"
+GEMV3_MAX_M = 16  # v3 for M <= this (at most GEMV_MAX_M); 4 < M: _gemv3_config's M > 4 branch
+# (BLOCK_N, BLOCK_W, R, num_warps, split_k, ROUND) for every v3 launch (any M; v3dot takes BLOCK_N (>= 16),
+# BLOCK_W, num_warps and split_k), for sweeps; GEMV3_ROUND replaces only the bf16 rounding of v3 (0: Triton's
+# cast, 1: packed cvt, 2: Veltkamp, 3: one code in 4 Veltkamp, see _round3)
 GEMV3_OVERRIDE: tuple[int, int, int, int, int, int] | None = None
 GEMV3_ROUND: int | None = None
 GEMM_OVERRIDE: tuple[int, int, int, int, int] | None = None  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
@@ -567,18 +668,34 @@ def _gemv_config(m: int, n: int, k: int, fmt: str) -> tuple[int, int, int, int]:
 
 
 def _gemv3_config(m: int, n: int, k: int, fmt: str) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_W, R, num_warps, split_k, ROUND) for _gemv3_kernel, M <= SUM_MAX_M, ROUND 1 (exact).
+    """(BLOCK_N, BLOCK_W, R, num_warps, split_k, ROUND) for _gemv3_kernel, ROUND 1 (exact). M <= SUM_MAX_M:
     int8 / nvfp4 rows of >= 256 words: the best of `bench_wo_linear.py --sweep3` on the H100 at the decode
     shapes. Otherwise (int4: confirmed best or within 1% by that sweep) from the sm_90 SASS: a tile is up
     to 512 words of BLOCK_N = 4 rows (2 where N < 8 * N_SM, for >= 256 programs), a thread loads R words
     per row (16 bytes; nvfp4: 8, its 16-column scale groups are 2 words), so a 2048-wide int4 row is one
-    tile and 8192 two; no split K."""
+    tile and 8192 two; no split K.
+    SUM_MAX_M < M: a thread holds BM * BLOCK_N * R fp32 accumulators, so R = 1 (4-byte word loads, 128 bytes
+    per warp and row: still coalesced) and BLOCK_N = 8 (M <= 8) or 4: from the sm_90 SASS (Triton 3.9, bf16
+    x), M = 8: 14.9-15.7 (int4) / 16.3 (int8) / 17.6 (nvfp4) instructions per weight in the loop, 10 of them
+    FP32 (decode, scale, 8 FFMA), 128-180 registers, no spills; BLOCK_N = 16 takes 237-255 registers and
+    spills (int4 block 32, nvfp4), 4 costs 2-3 more instructions per weight (the bf16 -> fp32 conversion of
+    x is shared by BLOCK_N rows). M = 16, BLOCK_N 4: 29-32 per
+    weight, 123-151 registers (8: 25-27, 204-244). BLOCK_N halves (to 2) while there are fewer row blocks
+    than SMs; 4 warps of one word each per tile (BLOCK_W = 128 words); no split K. Not timed yet."""
     cpw = 4 if fmt == "int8" else 8
     kw = k // cpw
     if GEMV3_OVERRIDE is not None:
         cfg = GEMV3_OVERRIDE
+    elif INTERPRET and m > SUM_MAX_M:  # the tests' shapes again, with the R = 1 of the GPU's M > 4 configs
+        cfg = 16, 16, 1, 1, 2 if kw > 16 else 1, 1
     elif INTERPRET:  # the tests' shapes (N = 40, K <= 384): a partial row block, partial tiles, split K
         cfg = 16, 32, 2, 1, 2 if kw > 32 else 1, 1
+    elif m > SUM_MAX_M:
+        bn = 8 if m <= 8 else 4
+        while bn > 2 and triton.cdiv(n, bn) < N_SM:
+            bn //= 2
+        bw = min(128, max(32, triton.next_power_of_2(kw)))
+        cfg = bn, bw, 1, max(1, bw // 32), 1, 1
     elif fmt != "int4" and kw >= 256:  # best of --sweep3 on the H100 at the decode shapes (d 2048, 8192)
         r = 2 if fmt == "nvfp4" else 4
         if k >= 8192:
@@ -595,9 +712,27 @@ def _gemv3_config(m: int, n: int, k: int, fmt: str) -> tuple[int, int, int, int,
     return cfg if GEMV3_ROUND is None else (*cfg[:5], GEMV3_ROUND)
 
 
+def _gemv3dot_config(m: int, n: int, k: int, fmt: str) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_W, num_warps, split_k) for _gemv3dot_kernel ("v3dot", 4 < M <= 16); GEMV3_OVERRIDE's
+    (BLOCK_N, BLOCK_W, -, num_warps, split_k, -) where set. From the sm_90 SASS (not timed yet): 32 rows x 32
+    words (a 256-column int4 / 128-column int8 tile), 4 warps: 5.9-6.4 instructions per weight for int4 /
+    int8, 9.1-9.8 for nvfp4, 92-167 registers, 24-48 KB of shared memory (Triton's 3 cp.async stages); 16 rows
+    (7.7-8.8 per weight, nvfp4 12-13) where N has fewer than N_SM blocks of 32; no split K."""
+    if GEMV3_OVERRIDE is not None:
+        bn, bw, _, warps, split, _ = GEMV3_OVERRIDE
+        return max(16, bn), bw, warps, split
+    kw = k // (4 if fmt == "int8" else 8)
+    if INTERPRET:  # the tests' shapes (N = 40): a partial row block, partial tiles, split K
+        return 16, 8, 4, 2 if kw > 8 else 1
+    bn = 32 if triton.cdiv(n, 32) >= N_SM else 16
+    return bn, min(32, max(4, triton.next_power_of_2(kw))), 4, 1
+
+
 def _gemv3(x2: Tensor, qdata: Tensor, s: Tensor, ts: Tensor, bias: Tensor | None, fmt: str, nblocks: int,
-           stride_sn: int) -> Tensor | None:
-    """x2 @ dequant(W).T (+ bias) with _gemv3_kernel, shape (M, N); None where the layout does not allow it."""
+           stride_sn: int, kernel: str) -> Tensor | None:
+    """x2 @ dequant(W).T (+ bias) with _gemv3_kernel (or, GEMV_KERNEL "v3dot", M > SUM_MAX_M and 16-bit x,
+    _gemv3dot_kernel), shape (M, N); None where the layout does not allow it. BM: M rounded up to a power of
+    two for M <= SUM_MAX_M (the launch configs measured there), else M."""
     m, k = x2.shape
     n = qdata.shape[0]
     cpw = 4 if fmt == "int8" else 8
@@ -607,11 +742,15 @@ def _gemv3(x2: Tensor, qdata: Tensor, s: Tensor, ts: Tensor, bias: Tensor | None
     if nblocks > 1 and group % cpw:
         return None  # a scale group splits a word
     gw = 0 if nblocks == 1 else group // cpw
-    bn, bw, r, warps, split, rnd = _gemv3_config(m, n, k, fmt)
-    if gw:
-        r = math.gcd(r, gw)  # a thread's R words share one scale
-    # more threads than word groups in a tile make Triton convert layouts through shared memory in the loop
-    warps = max(1, min(warps, bw // r // 32))
+    dot = kernel == "v3dot" and m > SUM_MAX_M and x2.dtype != torch.float32  # fp32: no fast MMA, v3
+    if dot:
+        bn, bw, warps, split = _gemv3dot_config(m, n, k, fmt)
+    else:
+        bn, bw, r, warps, split, rnd = _gemv3_config(m, n, k, fmt)
+        if gw:
+            r = math.gcd(r, gw)  # a thread's R words share one scale
+        # more threads than word groups in a tile make Triton convert layouts through shared memory in the loop
+        warps = max(1, min(warps, bw // r // 32))
     q = qdata.view(torch.int32)
     kw = k // cpw
     iters = triton.cdiv(kw, bw)
@@ -622,10 +761,17 @@ def _gemv3(x2: Tensor, qdata: Tensor, s: Tensor, ts: Tensor, bias: Tensor | None
     else:
         out = torch.empty((split, m, n), device=x2.device, dtype=torch.float32)
     has_bias = bias is not None and split == 1
-    torch.library.wrap_triton(_gemv3_kernel)[(triton.cdiv(n, bn), split)](
-        x2, q, s, ts, bias if has_bias else ts, out, m, n, k, x2.stride(0), q.stride(0), stride_sn, per,
-        FMT=FMT_IDS[fmt], HAS_BIAS=has_bias, PARTIAL=split > 1, BM=triton.next_power_of_2(m), BLOCK_N=bn,
-        BLOCK_W=bw, R=r, GW=gw, ROUND=rnd, EVEN=kw % bw == 0, num_warps=warps)
+    bm = triton.next_power_of_2(m) if m <= SUM_MAX_M else m
+    if dot:
+        torch.library.wrap_triton(_gemv3dot_kernel)[(triton.cdiv(n, bn), split)](
+            x2, q, s, ts, bias if has_bias else ts, out, m, n, k, x2.stride(0), q.stride(0), stride_sn, per,
+            FMT=FMT_IDS[fmt], HAS_BIAS=has_bias, PARTIAL=split > 1, BLOCK_N=bn, BLOCK_W=bw, GW=gw,
+            EVEN=kw % bw == 0, num_warps=warps)
+    else:
+        torch.library.wrap_triton(_gemv3_kernel)[(triton.cdiv(n, bn), split)](
+            x2, q, s, ts, bias if has_bias else ts, out, m, n, k, x2.stride(0), q.stride(0), stride_sn, per,
+            FMT=FMT_IDS[fmt], HAS_BIAS=has_bias, PARTIAL=split > 1, BM=bm, BLOCK_N=bn, BLOCK_W=bw, R=r, GW=gw,
+            ROUND=rnd, EVEN=kw % bw == 0, num_warps=warps)
     if split > 1:
         out = out.sum(0)
         if bias is not None:
@@ -695,8 +841,11 @@ def weight_only_linear(
         torch.library.wrap_triton(_dequant_kernel)[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
             q, s, ts, w, n, k, q.stride(0), stride_sn, group, FMT=fid, BLOCK_N=bn, BLOCK_K=bk, SG=sg, num_warps=4)
         return F.linear(x2, w, bias).reshape(*lead, n)
-    if m <= SUM_MAX_M and GEMV_KERNEL == "v3":
-        out = _gemv3(x2, qdata, s, ts, bias, fmt, nblocks, stride_sn)
+    kernel = GEMV_KERNEL
+    if kernel == "auto":
+        kernel = "v3" if m <= SUM_MAX_M else _auto_wide_kernel(m, n, fmt, x2.dtype)
+    if m <= GEMV3_MAX_M and kernel in ("v3", "v3dot"):  # (m <= GEMV_MAX_M here)
+        out = _gemv3(x2, qdata, s, ts, bias, fmt, nblocks, stride_sn, kernel)
         if out is not None:
             return out.reshape(*lead, n)
     if m <= SUM_MAX_M:

@@ -10,13 +10,20 @@ replayed as CUDA graphs, both compiled (`compile_for`). Our variants hold each w
 `PackedLinear` (what convert gives: the codes and scales as plain buffers); `<fmt>-param` keeps the
 LotionPackedTensor as the Linear's Parameter instead, whose per-call unwrapping by torch.compile
 made the step host-bound (profile_decode.py). "% of BW limit" = (weight bytes / measured device-to-device copy bandwidth) /
-ms per token. Usage:
-    python benchmarks/bench_decode.py [--quick] [--batches 1,8] [--variants ...] [--out FILE]
+ms per token. `--layout`: "separate" (wq / wk / wv and w1 / w3 as their own Linears, the old tables) or
+"fused" (gpt-fast's: one wqkv Linear, dim -> (heads + 2 kv_heads) * head_dim, split into q / k / v after the
+matmul, and one w13 Linear, dim -> 2 ffn, split into gate / up): the same weights (concatenated before
+quantization, so every per-row scale is the same), fewer and larger GEMVs; bf16 and every quantized variant
+use the layout of the row, and "vs bf16" compares within a layout. `--gemv` sets the GEMV switch of our
+kernels (triton_matmul.GEMV_KERNEL: auto, v2, v3 or v3dot, see bench_wo_linear.py). Usage:
+    python benchmarks/bench_decode.py [--quick] [--batches 1,8] [--layout separate,fused] [--gemv v3]
+        [--variants ...] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import time
@@ -28,6 +35,7 @@ from tabulate import tabulate
 from torch import nn
 
 from lotion_fx.backends import torchao_export as X
+from lotion_fx.backends import triton_matmul as T
 from lotion_fx.backends.packed_linear import PackedLinear, pack_linears
 from lotion_fx.reference import resolve_block
 
@@ -45,6 +53,9 @@ class Cfg:
     max_len: int = 1024
 
 
+LAYOUTS = ("separate", "fused")
+
+
 class Attention(nn.Module):
     def __init__(self, c: Cfg, batch: int) -> None:
         super().__init__()
@@ -56,11 +67,22 @@ class Attention(nn.Module):
         self.register_buffer("k_cache", torch.zeros(batch, self.kvh, c.max_len, self.hd), persistent=False)
         self.register_buffer("v_cache", torch.zeros(batch, self.kvh, c.max_len, self.hd), persistent=False)
 
+    def fuse(self) -> None:
+        """gpt-fast's layout: wq, wk, wv -> one wqkv Linear (rows stacked), split after the matmul."""
+        w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+        self.wqkv = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.wqkv.weight = nn.Parameter(w.detach(), requires_grad=self.wq.weight.requires_grad)
+        del self.wq, self.wk, self.wv
+
     def forward(self, x: torch.Tensor, rope: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        q = _rope(self.wq(x).view(b, s, self.h, self.hd), rope).transpose(1, 2)
-        k = _rope(self.wk(x).view(b, s, self.kvh, self.hd), rope).transpose(1, 2)
-        v = self.wv(x).view(b, s, self.kvh, self.hd).transpose(1, 2)
+        if hasattr(self, "wqkv"):
+            q, k, v = self.wqkv(x).split([self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = _rope(q.view(b, s, self.h, self.hd), rope).transpose(1, 2)
+        k = _rope(k.view(b, s, self.kvh, self.hd), rope).transpose(1, 2)
+        v = v.view(b, s, self.kvh, self.hd).transpose(1, 2)
         self.k_cache.index_copy_(2, pos, k)
         self.v_cache.index_copy_(2, pos, v)
         y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
@@ -83,10 +105,22 @@ class Block(nn.Module):
         self.w3 = nn.Linear(c.dim, c.ffn, bias=False)
         self.w2 = nn.Linear(c.ffn, c.dim, bias=False)
 
+    def fuse(self) -> None:
+        """gpt-fast's layout: w1 (gate), w3 (up) -> one w13 Linear (rows stacked), split after the matmul."""
+        self.attn.fuse()
+        w = torch.cat([self.w1.weight, self.w3.weight])
+        self.w13 = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.w13.weight = nn.Parameter(w.detach(), requires_grad=self.w1.weight.requires_grad)
+        del self.w1, self.w3
+
     def forward(self, x, rope, pos, mask):
         x = x + self.attn(self.n1(x), rope, pos, mask)
         h = self.n2(x)
-        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+        if hasattr(self, "w13"):
+            gate, up = self.w13(h).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(h), self.w3(h)
+        return x + self.w2(F.silu(gate) * up)
 
 
 class Llama(nn.Module):
@@ -109,13 +143,16 @@ class Llama(nn.Module):
         return self.head(self.norm(x[:, -1:]))
 
 
-def build(variant: str, c: Cfg, batch: int, device: str) -> nn.Module:
+def build(variant: str, c: Cfg, batch: int, device: str, layout: str = "separate") -> nn.Module:
     torch.manual_seed(0)
     with torch.device(device):  # built and initialised on the GPU: seconds instead of a minute per variant
         model = Llama(c, batch)
     for p in model.parameters():
         nn.init.normal_(p, std=0.02) if p.dim() == 2 else None
     model = model.to(device, torch.bfloat16).eval()
+    if layout == "fused":  # the same weights, concatenated: before quantization, so the codes and scales match
+        for blk in model.blocks:
+            blk.fuse()
     if variant == "bf16":
         return model
     if variant.startswith("torchao-"):
@@ -202,6 +239,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="bf16,int4,nvfp4,int8,torchao-int4,torchao-int8")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--layout", default="separate",
+                    help="projection layout(s), comma list: separate (wq/wk/wv, w1/w3) and/or fused (wqkv, w13)")
+    ap.add_argument("--gemv", default=T.GEMV_KERNEL, choices=["auto", "v2", "v3", "v3dot"],
+                    help="GEMV kernels of our variants (triton_matmul.GEMV_KERNEL; default: the library's)")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--compile", default="default", choices=["default", "none"],
@@ -210,6 +251,11 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    layouts = args.layout.split(",")
+    for lay in layouts:
+        if lay not in LAYOUTS:
+            ap.error(f"unknown layout {lay!r}: choose from {', '.join(LAYOUTS)} (or a comma list)")
+    T.GEMV_KERNEL = args.gemv
     device = "cuda" if torch.cuda.is_available() else "cpu"
     c = Cfg(dim=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=1024, max_len=128) if args.quick else Cfg()
     prefill = min(args.prefill, c.max_len // 2)
@@ -219,41 +265,42 @@ def main() -> None:
     title = (f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} | torch {torch.__version__} | "
              f"Llama-shaped {n_params / 1e9:.2f}B params (d={c.dim}, {c.layers} layers, vocab {c.vocab}), "
              f"bf16 activations, prefill {prefill}, static KV cache, compile={args.compile!r} (+ CUDA graphs for "
-             f"decode) | "
+             f"decode), layout {'/'.join(layouts)} (fused: wqkv + w13, gpt-fast), GEMV {args.gemv} | "
              f"copy bandwidth {bw / 1e12:.2f} TB/s")
     print(title, flush=True)
     rows, base, start = [], {}, time.time()
-    for batch in map(int, args.batches.split(",")):
-        for variant in args.variants.split(","):
-            if time.time() - start > args.budget_s:
-                rows.append([variant, batch, "-", "-", "-", "-", "-", "-", "skipped (time budget)"])
-                continue
-            t0 = time.time()
-            try:
-                model = build(variant, c, batch, device)
-                wb = weight_bytes(model)
-                pre, ms = measure(model, c, batch, prefill, args.steps, device, args.compile)
-            except Exception as e:  # one failing variant must not hide the others
-                rows.append([variant, batch, "-", "-", "-", "-", "-", "-", f"{type(e).__name__}: {str(e)[:90]}"])
-                print(rows[-1], flush=True)
-                continue
-            finally:
-                torch._dynamo.reset()
-            base.setdefault(batch, (ms, pre))
-            limit_ms = wb / bw * 1e3
-            rows.append([variant, batch, f"{wb / 2**20:.0f}", f"{ms:.3f}", f"{batch * 1e3 / ms:.0f}",
-                         f"{base[batch][0] / ms:.2f}x", f"{100 * limit_ms / ms:.0f}%", f"{pre:.1f}",
-                         f"{pre / base[batch][1]:.2f}x"])
-            print(rows[-1], f"({time.time() - t0:.0f}s)", flush=True)
-            del model
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            write(title, rows, args.out)
+    for batch, layout, variant in itertools.product(map(int, args.batches.split(",")), layouts,
+                                                    args.variants.split(",")):
+        if time.time() - start > args.budget_s:
+            rows.append([variant, layout, batch, "-", "-", "-", "-", "-", "-", "skipped (time budget)"])
+            continue
+        t0 = time.time()
+        try:
+            model = build(variant, c, batch, device, layout)
+            wb = weight_bytes(model)
+            pre, ms = measure(model, c, batch, prefill, args.steps, device, args.compile)
+        except Exception as e:  # one failing variant must not hide the others
+            rows.append([variant, layout, batch, "-", "-", "-", "-", "-", "-",
+                         f"{type(e).__name__}: {str(e)[:90]}"])
+            print(rows[-1], flush=True)
+            continue
+        finally:
+            torch._dynamo.reset()
+        base.setdefault((batch, layout), (ms, pre))  # the first variant (bf16 by default) of this layout
+        ref_ms, ref_pre = base[(batch, layout)]
+        limit_ms = wb / bw * 1e3
+        rows.append([variant, layout, batch, f"{wb / 2**20:.0f}", f"{ms:.3f}", f"{batch * 1e3 / ms:.0f}",
+                     f"{ref_ms / ms:.2f}x", f"{100 * limit_ms / ms:.0f}%", f"{pre:.1f}", f"{pre / ref_pre:.2f}x"])
+        print(rows[-1], f"({time.time() - t0:.0f}s)", flush=True)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        write(title, rows, args.out)
     print(write(title, rows, args.out))
 
 
 def write(title: str, rows: list, out: str | None) -> str:
-    head = ["weights", "batch", "weight MiB", "ms / token", "tokens / s", "speed-up vs bf16", "% of BW limit",
+    head = ["weights", "layout", "batch", "weight MiB", "ms / token", "tokens / s", "speed-up vs bf16", "% of BW limit",
             "prefill ms", "prefill vs bf16"]
     text = title + "\n\n" + tabulate(rows, headers=head, tablefmt="github")
     if out:

@@ -3,13 +3,16 @@
 Each timing replays a CUDA graph of calls over enough distinct weight copies (>= 96 MiB in all) that
 the weights come from HBM, not L2, as in a decode step. Columns: time per call, weight bytes read
 (codes + scales) per second, % of the measured copy bandwidth, speed-up vs bf16 F.linear at the same
-shape. `--kernels v2,v3` times each M <= 4 GEMV variant (triton_matmul.GEMV_KERNEL; "v3r0" ... "v3r3"
-are v3 with GEMV3_ROUND = 0 ... 3) at each shape, format and M, after checking it (one-hot
-columns bit-exact, random x within the fp32-accumulation bound: column "check"). `--sweep` also tries
-launch configurations of the v2 GEMV (and the tl.dot GEMV at M = 8), `--sweep3` of the v3 GEMV (M <= 4),
-and prints the best per shape. GPU only. Usage:
-    python benchmarks/bench_wo_linear.py [--formats int4,nvfp4,int8] [--m 1,8,512] [--kernels v2,v3]
-        [--sweep] [--sweep3] [--out FILE]
+shape. `--kernels v2,v3` times each GEMV variant at M <= 16 (triton_matmul.GEMV_KERNEL: "v2" is the
+tl.sum GEMV for M <= 4 and the split-K tl.dot GEMV for 4 < M <= 16, "v3" is _gemv3_kernel for every
+M <= 16, "v3dot" is v3 with _gemv3dot_kernel (v3's decode, tensor-core tl.dot) for 4 < M <= 16; "v3r0" ...
+"v3r3" are v3 with GEMV3_ROUND = 0 ... 3) at each shape, format and M, after checking
+it (one-hot columns bit-exact, random x within the fp32-accumulation bound: column "check"). `--sweep`
+also tries launch configurations of the v2 GEMV (and the tl.dot GEMV at M = 8), `--sweep3` of the v3 GEMV
+(M <= 16; and of v3dot at M > 4 where --kernels has it), and prints the best per shape. `--shapes` picks
+layers by name (wqkv / w13: the fused projections of bench_decode.py --layout fused). GPU only. Usage:
+    python benchmarks/bench_wo_linear.py [--formats int4,nvfp4,int8] [--m 1,8,512] [--kernels v2,v3,v3dot]
+        [--shapes wq/wo,wk/wv,w1/w3,w2,head,wqkv,w13] [--sweep] [--sweep3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from lotion_fx.reference import resolve_block
 
 SHAPES = [(2048, 2048, "wq/wo"), (512, 2048, "wk/wv"), (8192, 2048, "w1/w3"), (2048, 8192, "w2"),
           (32000, 2048, "head")]
+FUSED_SHAPES = [(3072, 2048, "wqkv"), (16384, 2048, "w13")]  # bench_decode.py --layout fused
 
 
 def copy_bandwidth() -> float:
@@ -92,9 +96,10 @@ def time_with(module: object, knob: str, value: int, x: torch.Tensor, ws: list) 
 
 @contextlib.contextmanager
 def gemv_variant(name: str):
-    """GEMV_KERNEL (and GEMV3_ROUND) for a variant name: "v2", "v3", "v3r0" ... "v3r3"."""
+    """GEMV_KERNEL (and GEMV3_ROUND) for a variant name: "v2", "v3", "v3dot", "v3r0" ... "v3r3"."""
     keep = T.GEMV_KERNEL, T.GEMV3_ROUND
-    T.GEMV_KERNEL, T.GEMV3_ROUND = name[:2], (int(name[3:]) if name.startswith("v3r") else None)
+    rounding = name.startswith("v3r")
+    T.GEMV_KERNEL, T.GEMV3_ROUND = (name[:2] if rounding else name), (int(name[3:]) if rounding else None)
     try:
         yield
     finally:
@@ -119,18 +124,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="int4,nvfp4,int8")
     ap.add_argument("--m", default="1,8,512")
-    ap.add_argument("--kernels", default=None, help="M <= 4 GEMV variants to time: v2, v3, v3r0 ... v3r3 "
-                    "(default: the library's, triton_matmul.GEMV_KERNEL)")
+    ap.add_argument("--kernels", default=None, help="GEMV variants to time at M <= 16: v2 (tl.sum GEMV for M <= 4, "
+                    "tl.dot GEMV above), v3, v3dot (M > 4: v3 decode + tl.dot), v3r0 ... v3r3 (default: the "
+                    "library's, triton_matmul.GEMV_KERNEL)")
+    ap.add_argument("--shapes", default=",".join(s[2] for s in SHAPES),
+                    help="layers to time, from " + ", ".join(s[2] for s in SHAPES + FUSED_SHAPES))
     ap.add_argument("--sweep", action="store_true", help="launch-config sweep of the v2 / tl.dot GEMVs")
-    ap.add_argument("--sweep3", action="store_true", help="launch-config sweep of the v3 GEMV (M <= 4)")
+    ap.add_argument("--sweep3", action="store_true", help="launch-config sweep of the v3 GEMV (M <= 16)")
     ap.add_argument("--sum8", action="store_true", help="also time M = 8 through the tl.sum GEMV (SUM_MAX_M = 8)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop sweeping after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     kernels = args.kernels.split(",") if args.kernels else [T.GEMV_KERNEL]
     for v in kernels:
-        if v not in ("v2", "v3", "v3r0", "v3r1", "v3r2", "v3r3"):
-            ap.error(f"unknown GEMV variant {v!r}: choose from v2, v3, v3r0, v3r1, v3r2, v3r3")
+        if v not in ("v2", "v3", "v3dot", "v3r0", "v3r1", "v3r2", "v3r3"):
+            ap.error(f"unknown GEMV variant {v!r}: choose from v2, v3, v3dot, v3r0, v3r1, v3r2, v3r3")
+    by_name = {s[2]: s for s in SHAPES + FUSED_SHAPES}
+    for name in args.shapes.split(","):
+        if name not in by_name:
+            ap.error(f"unknown shape {name!r}: choose from {', '.join(by_name)}")
     torch.manual_seed(0)
     bw = copy_bandwidth()
     title = f"{torch.cuda.get_device_name()} | torch {torch.__version__} | copy bandwidth {bw / 1e12:.2f} TB/s"
@@ -138,7 +150,7 @@ def main() -> None:
     rows, lines, start = [], [], time.time()
     head = ["shape (N x K)", "layer", "M", "weights", "kernel", "us / call", "GB/s", "% of copy BW", "vs bf16",
             "check"]
-    for n, k, name in SHAPES:
+    for n, k, name in (by_name[s] for s in args.shapes.split(",")):
         nbytes = {None: n * k * 2}
         copies = {}
         for fmt in [None, *args.formats.split(",")]:
@@ -150,7 +162,7 @@ def main() -> None:
             base = None
             for fmt in [None, *args.formats.split(",")]:
                 ws = weights(n, k, fmt, copies[fmt])
-                variants = kernels if fmt and m <= T.SUM_MAX_M else ["-"]
+                variants = kernels if fmt and m <= T.GEMV_MAX_M else ["-"]
                 times = {}
                 for v in variants:
                     with gemv_variant(v if v != "-" else T.GEMV_KERNEL):
@@ -162,21 +174,24 @@ def main() -> None:
                                  f"{base / times[v]:.2f}x", ok])
                     print(rows[-1], flush=True)
                 s = times.get("v2", times[variants[0]])
-                if fmt and args.sweep3 and m <= T.SUM_MAX_M and time.time() - start < args.budget_s:
-                    lines.append(sweep3(x, ws, n, k, m, fmt, deadline=start + args.budget_s))
-                    print(lines[-1], flush=True)
+                if fmt and args.sweep3 and m <= T.GEMV3_MAX_M and time.time() - start < args.budget_s:
+                    for v in ["v3"] + (["v3dot"] if "v3dot" in kernels and m > T.SUM_MAX_M else []):
+                        lines.append(sweep3(x, ws, n, k, m, fmt, deadline=start + args.budget_s, variant=v))
+                        print(lines[-1], flush=True)
                 if fmt and m >= T.DEQUANT_MIN_M:  # the alternative: the tiled tl.dot GEMM, no dequant pass
                     g = time_with(T, "DEQUANT_MIN_M", 1 << 30, x, ws)
                     lines.append(f"GEMM {fmt} M={m} {n}x{k}: tiled tl.dot {g * 1e6:.1f}us vs dequant+cuBLAS "
                                  f"{s * 1e6:.1f}us (bf16 {base * 1e6:.1f}us)")
                     print(lines[-1], flush=True)
                 if fmt and args.sum8 and m == 8:
-                    g = time_with(T, "SUM_MAX_M", 8, x, ws)
+                    with gemv_variant("v2"):  # v3 would take M = 8 first
+                        g = time_with(T, "SUM_MAX_M", 8, x, ws)
                     lines.append(f"SUM8 {fmt} M=8 {n}x{k}: tl.sum GEMV {g * 1e6:.1f}us vs tl.dot GEMV "
                                  f"{s * 1e6:.1f}us (bf16 {base * 1e6:.1f}us)")
                     print(lines[-1], flush=True)
                 if fmt and args.sweep and m <= T.GEMV_MAX_M and time.time() - start < args.budget_s:
-                    lines.append(sweep(x, ws, n, k, m, fmt, s))
+                    with gemv_variant("v2"):  # the overrides below are v2's and the tl.dot GEMV's
+                        lines.append(sweep(x, ws, n, k, m, fmt, s))
                     print(lines[-1], flush=True)
                 del ws
             torch.cuda.empty_cache()
@@ -216,19 +231,30 @@ def sweep(x, ws, n, k, m, fmt, default_s) -> str:
     return f"SWEEP {fmt} M={m} {n}x{k}: default {default_s * 1e6:.1f}us | best {best}"
 
 
-def sweep3(x, ws, n, k, m, fmt, deadline: float) -> str:
+def sweep3(x, ws, n, k, m, fmt, deadline: float, variant: str = "v3") -> str:
     """Best v3 launch configs for this shape: (BLOCK_N, BLOCK_W, R, warps, split, ROUND = 1), until the deadline
-    (time.time()); --kernels v3r0,v3r2,v3r3 time the other roundings at the default config."""
+    (time.time()); --kernels v3r0,v3r2,v3r3 time the other roundings at the default config. M > 4: R = 1 or 2 and
+    BLOCK_N * R <= 16 (BM * BLOCK_N * R accumulators per thread; more spills on sm_90). variant "v3dot" (M > 4):
+    its (BLOCK_N, BLOCK_W, -, warps, split, -)."""
     calls = op_calls(x, ws)
-    r = 2 if fmt == "nvfp4" else 4
     kw = k // (4 if fmt == "int8" else 8)
-    cands = [(bn, bw, wp) for bn, bw, wp in [(4, 256, 1), (4, 256, 2), (2, 256, 2), (8, 256, 2), (4, 512, 2),
-                                              (4, 512, 4), (4, 1024, 4), (8, 128, 1)]
-             if bw // r >= 32 * wp and bw <= 2 * kw]
+    if variant == "v3dot":
+        cands = [(32, 32, 1, 4), (16, 32, 1, 4), (64, 32, 1, 4), (32, 64, 1, 4), (32, 16, 1, 4), (32, 32, 1, 8),
+                 (16, 64, 1, 4), (64, 16, 1, 4)]
+        cands = [c for c in cands if c[1] <= 2 * kw]
+    elif m <= T.SUM_MAX_M:
+        r = 2 if fmt == "nvfp4" else 4
+        cands = [(bn, bw, r, wp) for bn, bw, wp in [(4, 256, 1), (4, 256, 2), (2, 256, 2), (8, 256, 2), (4, 512, 2),
+                                                     (4, 512, 4), (4, 1024, 4), (8, 128, 1)]]
+    else:
+        cands = [(8, 128, 1, 4), (8, 64, 1, 2), (8, 256, 1, 8), (4, 128, 1, 4), (2, 128, 1, 4), (16, 128, 1, 4),
+                 (4, 128, 2, 2), (4, 256, 2, 4), (2, 256, 2, 4)]
+    if variant != "v3dot":
+        cands = [c for c in cands if c[1] // c[2] >= 32 * c[3] and c[1] <= 2 * kw]
     res = []
-    with gemv_variant("v3"):
-        default = T._gemv3_config(m, n, k, fmt)
-        for (bn, bw, wp), split in itertools.product(cands, (1, 2)):
+    with gemv_variant(variant):
+        default = (T._gemv3dot_config if variant == "v3dot" else T._gemv3_config)(m, n, k, fmt)
+        for (bn, bw, r, wp), split in itertools.product(cands, (1, 2)):
             if split > 1 and kw // bw < 2:
                 continue  # split K only where a row has several tiles
             if time.time() > deadline:
@@ -244,7 +270,7 @@ def sweep3(x, ws, n, k, m, fmt, deadline: float) -> str:
         t_default = graph_time(calls, reps=3)
     res.sort(key=lambda q: q[0])
     best = ", ".join(f"{c} {t * 1e6:.1f}us" for t, c in res[:4]) or "none tried"
-    return (f"SWEEP3 {fmt} M={m} {n}x{k}: default {default} {t_default * 1e6:.1f}us | {len(res)} tried, "
+    return (f"SWEEP3 {variant} {fmt} M={m} {n}x{k}: default {default} {t_default * 1e6:.1f}us | {len(res)} tried, "
             f"best {best}")
 
 

@@ -2,9 +2,10 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (CI sets it); without it the CPU tests skip.
 The gpu-marked tests run them compiled, at realistic sizes, and under torch.compile + CUDA graphs.
-The M <= 4 tests run both GEMV kernels (T.GEMV_KERNEL "v2" and "v3"). Under the interpreter v3's
-inline asm (int4 / int8 decode, bf16 rounding ROUND 1 / 2) runs as the equivalent plain Triton, so only
-the gpu tests check the asm itself.
+The M <= 16 tests run both GEMV switches (T.GEMV_KERNEL "v3": _gemv3_kernel for every M <= 16; "v2": the
+tl.sum GEMV for M <= 4, the tl.dot GEMV above) and count v3's launches. Under the interpreter v3's inline asm
+(int4 / int8 decode, bf16 rounding ROUND 1 / 2) runs as the equivalent plain Triton, so only the gpu tests
+check the asm itself.
 """
 
 from __future__ import annotations
@@ -57,18 +58,29 @@ def _dev() -> str:
 
 
 def _use_kernel(monkeypatch, kernel: str) -> list:
-    """Set the M <= 4 GEMV switch; the returned list gets one entry per launch v3 takes (not declined)."""
+    """Set the GEMV switch; the returned list gets one entry per launch v3 takes (not declined): "v3" for
+    _gemv3_kernel, "v3dot" for _gemv3dot_kernel (told apart by the launch-config function each one calls)."""
     monkeypatch.setattr(T, "GEMV_KERNEL", kernel)
-    launched, gemv3 = [], T._gemv3
+    launched, chosen, gemv3 = [], [], T._gemv3
+    for name, fn in [("v3", T._gemv3_config), ("v3dot", T._gemv3dot_config)]:
+        monkeypatch.setattr(T, fn.__name__, lambda *a, _fn=fn, _name=name: chosen.append(_name) or _fn(*a))
 
     def counted(*args, **kwargs):
+        chosen.clear()
         out = gemv3(*args, **kwargs)
         if out is not None:
-            launched.append(1)
+            launched.append(chosen[-1])
         return out
 
     monkeypatch.setattr(T, "_gemv3", counted)
     return launched
+
+
+def _v3_kernel(kernel: str, m: int, dtype: torch.dtype) -> list:
+    """What _use_kernel records for one call of M rows under the switch `kernel` (v2: nothing)."""
+    if kernel == "v2" or m > T.GEMV3_MAX_M:
+        return []
+    return ["v3dot" if kernel == "v3dot" and m > T.SUM_MAX_M and dtype != torch.float32 else "v3"]
 
 
 @pytest.mark.parametrize("fmt,block,k", CASES)
@@ -84,14 +96,20 @@ def test_pack_dequantize_is_fake_quantize(fmt: str, block, k: int, dtype: torch.
 
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-# (M, GEMV kernel, dtype): M <= 4 runs the switch's GEMV kernel, M = 17 dequantizes, then F.linear (v2 is
-# just the switch's value there); fp16 on the v3 GEMV and once on v2 (the interpreter is slow)
+# (M, GEMV kernel, dtype): M <= 16 runs the switch's GEMV kernel (v3 at M = 5, 8, 16: its M > 4 launch
+# configs; v3dot: _gemv3dot_kernel there, v3 for fp32), M = 17 dequantizes, then F.linear (v2 is just the
+# switch's value there); fp16 on the v3 GEMV and once on v2 (the interpreter is slow)
 BIT_EXACT = [(1, "v2", F32), (1, "v2", BF16), (1, "v2", F16), (3, "v2", F32), (3, "v2", BF16), (17, "v2", F32),
              (17, "v2", BF16), (1, "v3", F32), (1, "v3", BF16), (1, "v3", F16), (3, "v3", F32), (3, "v3", BF16),
-             (3, "v3", F16)]
-# x is (2, m, K): M = 2m, so m = 1, 2 run the M <= 4 GEMV, m = 3 the tl.dot GEMV, m = 17 the dequant path
-FLOAT64 = [(2, "v2", BF16), (3, "v2", F32), (3, "v2", BF16), (17, "v2", F32), (17, "v2", BF16), (1, "v3", F32),
-           (2, "v3", BF16), (1, "v3", F16)]
+             (3, "v3", F16), (5, "v3", BF16), (8, "v3", F32), (8, "v3", BF16), (8, "v3", F16), (16, "v3", BF16),
+             (5, "v3dot", BF16), (8, "v3dot", F16), (16, "v3dot", BF16)]
+# x's leading shape (M = its product): v2 runs the M <= 4 tl.sum GEMV at (2, 2), the tl.dot GEMV at (2, 3) and
+# the dequant path at (2, 17); v3 runs M = 2, 4 and its M > 4 configs at M = 5, 8, 16; v3dot its tl.dot kernel
+# at M = 5, 8, 16 and v3 for fp32
+FLOAT64 = [((2, 2), "v2", BF16), ((2, 3), "v2", F32), ((2, 3), "v2", BF16), ((2, 17), "v2", F32),
+           ((2, 17), "v2", BF16), ((2, 1), "v3", F32), ((2, 2), "v3", BF16), ((2, 1), "v3", F16),
+           ((1, 5), "v3", BF16), ((2, 4), "v3", F32), ((2, 4), "v3", BF16), ((2, 8), "v3", BF16),
+           ((1, 5), "v3dot", F16), ((2, 4), "v3dot", BF16), ((2, 8), "v3dot", BF16), ((2, 4), "v3dot", F32)]
 
 
 @interpret
@@ -105,40 +123,42 @@ def test_kernel_dequantization_is_bit_exact(fmt: str, block, k: int, dtype: torc
     t = _packed(w, fmt, block)
     cols = torch.randperm(k, generator=torch.Generator().manual_seed(m))[:m].to(w.device)
     x = F.one_hot(cols, k).to(dtype)
-    got = _run(x, t)  # M <= 4: the GEMV kernel (split K here); M = 17: dequantize, then F.linear
+    got = _run(x, t)  # M <= 16: the GEMV kernel (split K here); M = 17: dequantize, then F.linear
     assert torch.equal(got, lotion_fx.fake_quantize(w, fmt, block)[:, cols].T)
-    assert len(launched) == (kernel == "v3")  # v3 takes every case here
+    assert launched == _v3_kernel(kernel, m, dtype)  # v3 takes every case here
 
 
 @interpret
 @pytest.mark.parametrize("fmt,block,k", CASES)
-@pytest.mark.parametrize("m,kernel,dtype", FLOAT64)
-def test_kernel_matches_float64_on_noncontiguous_3d(fmt: str, block, k: int, dtype: torch.dtype, m: int,
+@pytest.mark.parametrize("lead,kernel,dtype", FLOAT64)
+def test_kernel_matches_float64_on_noncontiguous_3d(fmt: str, block, k: int, dtype: torch.dtype, lead: tuple,
                                                     kernel: str, monkeypatch) -> None:
     launched = _use_kernel(monkeypatch, kernel)
+    m = lead[0] * lead[1]
     torch.manual_seed(m)
     w = _weight(N, k, dtype, _dev())
     t = _packed(w, fmt, block)
-    x = torch.randn(k, 2, m, device=w.device).to(dtype).permute(1, 2, 0)  # (2, m, k), not contiguous
+    x = torch.randn(k, *lead, device=w.device).to(dtype).permute(1, 2, 0)  # (*lead, k), not contiguous
     bias = torch.randn(N, device=w.device).to(dtype)
     assert not x.is_contiguous()
     got = _run(x, t, bias)
     want = _f64_linear(x, lotion_fx.fake_quantize(w, fmt, block), bias)
-    assert got.shape == (2, m, N) and got.dtype == dtype
+    assert got.shape == (*lead, N) and got.dtype == dtype
     scale = want.abs().amax()
     tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]  # output rounding, fp32 sums
     assert (got.double() - want).abs().max() <= tol * scale
     ref = T.linear_reference(x, t.qdata, t.scale, t.tensor_scale, bias, fmt)  # the CPU path, same bound
     assert (ref.double() - want).abs().max() <= tol * scale
-    assert len(launched) == (kernel == "v3" and 2 * m <= T.SUM_MAX_M)
+    assert launched == _v3_kernel(kernel, m, dtype)
 
 
 @interpret
 @pytest.mark.parametrize("fmt,block,k", [CASES[0], CASES[1], CASES[2], CASES[5], CASES[6]])
 @pytest.mark.parametrize("path", ["dot_gemv", "gemm"])
 def test_dot_gemv_and_dequant_paths(fmt: str, block, k: int, path: str, monkeypatch) -> None:
-    """M = 8 (tl.dot GEMV, split K) and the tiled tl.dot GEMM at M = 18 (by default M > 16 dequantizes,
-    then F.linear: the M = 17 cases above), one-hot and float64."""
+    """M = 8 (tl.dot GEMV, split K: v2's, and v3's fallback) and the tiled tl.dot GEMM at M = 18 (by default
+    M > 16 dequantizes, then F.linear: the M = 17 cases above), one-hot and float64."""
+    launched = _use_kernel(monkeypatch, "v2")
     m = 8 if path == "dot_gemv" else 18
     if path == "gemm":
         monkeypatch.setattr(T, "DEQUANT_MIN_M", 1 << 30)
@@ -151,47 +171,56 @@ def test_dot_gemv_and_dequant_paths(fmt: str, block, k: int, path: str, monkeypa
     bias = torch.randn(N, device=w.device).to(torch.bfloat16)
     want = _f64_linear(x, wq, bias)
     assert (_run(x, t, bias).double() - want).abs().max() <= 8e-3 * want.abs().amax()
+    assert not launched
 
 
-# (BLOCK_N, BLOCK_W, R, num_warps, split_k, ROUND): R = 4 (cut to 2 by nvfp4's 2-word scale groups) and
-# Veltkamp rounding, several tiles; R = 1 and three K splits with Triton's cast; one tile over the row, mixed
-# rounding (under the interpreter ROUND 1 is Triton's cast: ROUND 1 / 3's cvt asm runs in the gpu tests)
-V3_CONFIGS = [(8, 4, 4, 1, 1, 2), (8, 4, 1, 1, 3, 0), (16, 64, 2, 1, 1, 3)]
+# (BLOCK_N, BLOCK_W, R, num_warps, split_k, ROUND), (M one-hot, M float64), switch: R = 4 (cut to 2 by nvfp4's
+# 2-word scale groups) and Veltkamp rounding, several tiles; R = 1 and three K splits with Triton's cast; one tile
+# over the row, mixed rounding (under the interpreter ROUND 1 is Triton's cast: ROUND 1 / 3's cvt asm runs in the
+# gpu tests). Then M > 4: R = 1 with a partial row block (N = 40) and Veltkamp; R = 2 and three K splits; R = 4,
+# one tile over the row, mixed rounding. v3dot (R and ROUND unused): 32 rows (a partial row block), 4-word tiles;
+# three K splits; 64 rows (one block, rows past N), one tile over the row.
+V3_CONFIGS = [((8, 4, 4, 1, 1, 2), (4, 2), "v3"), ((8, 4, 1, 1, 3, 0), (4, 2), "v3"),
+              ((16, 64, 2, 1, 1, 3), (4, 2), "v3"), ((16, 8, 1, 1, 1, 2), (8, 5), "v3"),
+              ((8, 8, 2, 1, 3, 0), (16, 8), "v3"), ((8, 64, 4, 1, 1, 3), (5, 16), "v3"),
+              ((32, 4, 1, 4, 1, 1), (8, 5), "v3dot"), ((16, 8, 1, 4, 3, 1), (16, 8), "v3dot"),
+              ((64, 64, 1, 4, 1, 1), (5, 16), "v3dot")]
 
 
 @interpret
 @pytest.mark.parametrize("fmt,block,k", [CASES[0], CASES[3], CASES[6]])
-@pytest.mark.parametrize("cfg", V3_CONFIGS)
-def test_v3_launch_configs(fmt: str, block, k: int, cfg, monkeypatch) -> None:
-    """v3 under other launch configurations than its default: one-hot rows (M = 4, bf16) and float64 (M = 2,
-    with bias), full and partial tiles (EVEN or not), split K, every rounding variant."""
-    launched = _use_kernel(monkeypatch, "v3")
+@pytest.mark.parametrize("cfg,rows,kernel", V3_CONFIGS)
+def test_v3_launch_configs(fmt: str, block, k: int, cfg, rows, kernel: str, monkeypatch) -> None:
+    """v3 (and v3dot) under other launch configurations than its default: one-hot rows (bf16) and float64 (with
+    bias), at M <= 4 and M > 4, full and partial tiles (EVEN or not), split K, every rounding variant."""
+    launched = _use_kernel(monkeypatch, kernel)
     monkeypatch.setattr(T, "GEMV3_OVERRIDE", cfg)
     w = _weight(N, k, torch.bfloat16, _dev(), seed=4)
     t = _packed(w, fmt, block)
     wq = lotion_fx.fake_quantize(w, fmt, block)
-    cols = torch.randperm(k, generator=torch.Generator().manual_seed(4))[:4].to(w.device)
+    cols = torch.randperm(k, generator=torch.Generator().manual_seed(4))[: rows[0]].to(w.device)
     assert torch.equal(_run(F.one_hot(cols, k).to(torch.bfloat16), t), wq[:, cols].T)
-    x = torch.randn(2, k, device=w.device).to(torch.bfloat16)
+    x = torch.randn(rows[1], k, device=w.device).to(torch.bfloat16)
     bias = torch.randn(N, device=w.device).to(torch.bfloat16)
     want = _f64_linear(x, wq, bias)
     assert (_run(x, t, bias).double() - want).abs().max() <= 8e-3 * want.abs().amax()
-    assert len(launched) == 2
+    assert launched == _v3_kernel(kernel, rows[0], torch.bfloat16) + _v3_kernel(kernel, rows[1], torch.bfloat16)
 
 
 @interpret
 @pytest.mark.parametrize("fmt,block,k", [("int4", "tensor", 36), ("int8", 6, 48)])
-def test_v3_falls_back_to_v2(fmt: str, block, k: int, monkeypatch) -> None:
+@pytest.mark.parametrize("m", [3, 8])
+def test_v3_falls_back_to_v2(fmt: str, block, k: int, m: int, monkeypatch) -> None:
     """Rows that are not whole int32 words (int4, K = 36: 18 bytes) and scale groups that split a word (int8,
-    6 columns): v3 declines and the v2 kernel computes the same result."""
+    6 columns): v3 declines and v2's kernel (M = 3: tl.sum GEMV, M = 8: tl.dot GEMV) computes the result."""
     launched = _use_kernel(monkeypatch, "v3")
     w = _weight(N, k, torch.bfloat16, _dev())
     t = _packed(w, fmt, block)
-    x = torch.randn(3, k, device=w.device).to(torch.bfloat16)
+    x = torch.randn(m, k, device=w.device).to(torch.bfloat16)
     s = t.scale
     stride_sn = s.stride(0) if s.shape[0] == N else 0
-    assert T._gemv3(x, t.qdata, s, t.tensor_scale.reshape(1).float(), None, fmt, s.shape[1], stride_sn) is None
-    cols = torch.randperm(k, generator=torch.Generator().manual_seed(0))[:3].to(w.device)
+    assert T._gemv3(x, t.qdata, s, t.tensor_scale.reshape(1).float(), None, fmt, s.shape[1], stride_sn, "v3") is None
+    cols = torch.randperm(k, generator=torch.Generator().manual_seed(0))[:m].to(w.device)
     wq = lotion_fx.fake_quantize(w, fmt, block)
     assert torch.equal(_run(F.one_hot(cols, k).to(torch.bfloat16), t), wq[:, cols].T)
     want = _f64_linear(x, wq)
@@ -228,7 +257,8 @@ def test_fake_impl_and_bad_input() -> None:
 
 # ------------------------------------------------------------------------------------------- GPU
 @pytest.mark.parametrize("fmt,block", [("int8", "row"), ("int4", 32), ("int4", 128), ("nvfp4", 16)])
-@pytest.mark.parametrize("m,kernel", [(1, "v2"), (3, "v2"), (8, "v2"), (512, "v2"), (1, "v3"), (3, "v3")])
+@pytest.mark.parametrize("m,kernel", [(1, "v2"), (3, "v2"), (8, "v2"), (512, "v2"), (1, "v3"), (3, "v3"),
+                                      (8, "v3"), (8, "v3dot")])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1536, 8192)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -244,7 +274,7 @@ def test_gpu_realistic_sizes(fmt: str, block, m: int, kernel: str, n: int, k: in
     assert (got.double() - want).abs().max() <= 8e-3 * want.abs().amax()
     cols = torch.randperm(k, device="cuda")[:m]
     assert torch.equal(_run(F.one_hot(cols, k).to(torch.bfloat16), t), wq[:, cols].T)
-    assert bool(launched) == (kernel == "v3")
+    assert sorted(set(launched)) == _v3_kernel(kernel, m, torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -271,6 +301,31 @@ def test_gpu_v3_rounding_variants_and_asm(fmt: str, block, dtype: torch.dtype, r
     assert launched
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt,block", [("int8", "row"), ("int4", 32), ("int4", "tensor"), ("nvfp4", 16)])
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("kernel", ["v3", "v3dot"])
+def test_gpu_v3_many_rows(fmt: str, block, dtype: torch.dtype, kernel: str, monkeypatch) -> None:
+    """The compiled v3 / v3dot at M = 5, 8, 16 (their M > 4 launch configs, default rounding): one-hot rows
+    bit-exact, random rows within the fp32-accumulation bound, a partial last tile (K = 2080) and rows past N
+    (N = 999)."""
+    launched = _use_kernel(monkeypatch, kernel)
+    torch.manual_seed(0)
+    n, k = 999, 2080
+    w = _weight(n, k, dtype, "cuda")
+    t = _packed(w, fmt, block)
+    wq = lotion_fx.fake_quantize(w, fmt, block)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3}[dtype]
+    for m in (5, 8, 16):
+        for cols in torch.randperm(k, device="cuda")[: 4 * m].reshape(-1, m):
+            assert torch.equal(_run(F.one_hot(cols, k).to(dtype), t), wq[:, cols].T)
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        want = _f64_linear(x, wq)
+        assert (_run(x, t).double() - want).abs().max() <= tol * want.abs().amax()
+    assert launched == sum((5 * _v3_kernel(kernel, m, dtype) for m in (5, 8, 16)), [])
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nvfp4"])
 def test_compiled_cpu_linear_equals_dequantized(fmt: str) -> None:
     """torch.compile of a packed Linear on CPU (the dequantize path) traces and computes F.linear with
@@ -288,15 +343,15 @@ def test_compiled_cpu_linear_equals_dequantized(fmt: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nvfp4"])
-@pytest.mark.parametrize("freezing", [False, True])
-@pytest.mark.parametrize("kernel", ["v2", "v3"])
-def test_gpu_compile_cuda_graphs_no_graph_break(fmt: str, freezing: bool, kernel: str, monkeypatch) -> None:
-    monkeypatch.setattr(T, "GEMV_KERNEL", kernel)  # M = 2: the M <= 4 GEMV
+@pytest.mark.parametrize("kernel,m,freezing", [("v2", 2, False), ("v2", 2, True), ("v3", 2, False), ("v3", 2, True),
+                                              ("v3", 8, False), ("v3dot", 8, False)])
+def test_gpu_compile_cuda_graphs_no_graph_break(fmt: str, freezing: bool, kernel: str, m: int, monkeypatch) -> None:
+    monkeypatch.setattr(T, "GEMV_KERNEL", kernel)  # M = 2: the M <= 4 GEMV; M = 8: v3's M > 4 path or v3dot
     torch.manual_seed(0)
     lin = torch.nn.Linear(1024, 512, bias=True).to("cuda", torch.bfloat16)
     wq = lotion_fx.fake_quantize(lin.weight.detach(), fmt)
     lin.weight = torch.nn.Parameter(_packed(lin.weight.detach(), fmt, None), requires_grad=False)
-    x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     explain = torch._dynamo.explain(lin)(x)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     torch._dynamo.reset()
@@ -306,3 +361,20 @@ def test_gpu_compile_cuda_graphs_no_graph_break(fmt: str, freezing: bool, kernel
             got = step(x).clone()
     want = _f64_linear(x, wq, lin.bias)
     assert (got.double() - want).abs().max() <= 8e-3 * want.abs().amax()
+
+
+@interpret
+@pytest.mark.parametrize("fmt,n,m,expect", [("int8", 520, 8, "v3dot"), ("int8", 512, 8, "v3"), ("int4", 4104, 8, None),
+                                            ("int4", 40, 8, "v3"), ("nvfp4", 40, 6, "v3"), ("int4", 40, 12, None),
+                                            ("int4", 40, 3, "v3")])
+def test_auto_picks_the_measured_kernel_per_shape(fmt: str, n: int, m: int, expect, monkeypatch) -> None:
+    """The default GEMV_KERNEL "auto": M <= 4 v3; M <= 8 the H100's fastest at M = 8 by format and rows (int8:
+    v3dot above 512 rows; int4: v2 above 4096 rows); M > 8 v2 (None: v3 declined). Results stay exact."""
+    launched = _use_kernel(monkeypatch, "auto")
+    w = _weight(n, 64, torch.bfloat16, _dev())
+    t = _packed(w, fmt, None)
+    x = torch.randn(m, 64, device=w.device).to(torch.bfloat16)
+    wq = lotion_fx.fake_quantize(w, fmt)
+    want = _f64_linear(x, wq)
+    assert (_run(x, t).double() - want).abs().max() <= 8e-3 * want.abs().amax()
+    assert launched == ([expect] if expect else [])
