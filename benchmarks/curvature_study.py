@@ -137,6 +137,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ptq": ("ptq", {}),
     "qat": ("qat", {}),
     "default": ("lotion", {}),
+    "scales held": ("lotion", {"scale_grad": False}),  # the default before scale_grad
     "ema (old default)": ("lotion", {"curvature": "ema"}),
     "kfac": ("lotion", {"curvature": "kfac_diag"}),  # factored, the default's lam 1 and 500-step warm-up
     "gn lam 0.1": ("lotion", {"lam": 0.1, "lam_warmup": 0}),
