@@ -12,14 +12,15 @@ Storage (one layout per format; `pack` builds it from `reference.quantize`'s cod
 
 Dequantization is `(code_f32 * scale_f32).to(dtype)` with nvfp4's scale `e4m3_f32 * tensor_scale`:
 the same float operations as `reference.fake_quantize`, so the weight the kernels multiply by is
-bit-exact to what `quantized_eval` uses. M <= 16 (`GEMV3_MAX_M`): `_gemv3_kernel` (the default,
-`GEMV_KERNEL = "v3"`: int32-word loads, elementwise fp32 accumulation with one accumulator per row of x, so
-the weight is read once for all M rows, one reduction per program; M > 4 has its own launch configs, fewer
-rows and one word per thread, for registers; `GEMV_KERNEL = "v3dot"` runs `_gemv3dot_kernel` there instead:
-v3's decode, then a tensor-core tl.dot with the <= 16 rows). Where v3's layout preconditions fail (or with
-"v2"): M <= 4 `_gemv_kernel` (v2: fp32 multiply + tl.sum per tile, even/odd columns decoded separately),
-4 < M <= 16 split-K tl.dot. M > 16: dequantize to x's dtype in one pass, then F.linear (cuBLAS). Measured
-in docs/deploy_kernels.md.
+bit-exact to what `quantized_eval` uses. M <= 16 (`GEMV3_MAX_M`): `_gemv3_kernel` (`GEMV_KERNEL = "v3"`:
+int32-word loads, elementwise fp32 accumulation with one accumulator per row of x, so the weight is read
+once for all M rows, one reduction per program; M > 4 has its own launch configs, fewer rows and one word
+per thread, for registers) or `_gemv3dot_kernel` ("v3dot", 4 < M: v3's decode, then a tensor-core tl.dot
+with the <= 16 rows). Where v3's layout preconditions fail (or with "v2"): M <= 4 `_gemv_kernel` (v2: fp32
+multiply + tl.sum per tile, even/odd columns decoded separately), 4 < M <= 16 split-K tl.dot. The default,
+"auto", runs v3 for M <= 4 and the H100's fastest of v3 / v3dot / v2 per format and shape for M <= 8
+(`_auto_wide_kernel`). M > 16: dequantize to x's dtype in one pass, then F.linear (cuBLAS). Measured in
+docs/deploy_kernels.md.
 `weight_only_linear` is a `torch.library.triton_op`, so torch.compile (and CUDA graphs) trace it
 without a graph break; `linear_reference` is the plain-torch path (CPU) and the tests' reference.
 """
@@ -391,6 +392,15 @@ def _rowsum(acc):
 
 
 @triton.jit
+def _tile_scales3(sp, wg, KW, ts, FMT: tl.constexpr, EVEN: tl.constexpr):
+    """The scales at pointers sp of a tile's words wg (masked past K's KW words unless EVEN), decoded."""
+    if EVEN:
+        return _scale3(tl.load(sp, eviction_policy="evict_first"), ts, FMT)
+    else:
+        return _scale3(tl.load(sp, mask=wg < KW, other=0, eviction_policy="evict_first"), ts, FMT)
+
+
+@triton.jit
 def _gemv3_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_qn, stride_sn, iters_per,
                   FMT: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BM: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, R: tl.constexpr, GW: tl.constexpr,
@@ -435,11 +445,7 @@ def _gemv3_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm,
             v = tl.load(qp, mask=wi < KW, other=0, eviction_policy="evict_first")
         if GW != 0:
             wg = w0 + g3 * R  # first word of each thread's R words, (1, 1, G)
-            sp = s_ptr + n3 * stride_sn + wg // GW
-            if EVEN:
-                s = _scale3(tl.load(sp, eviction_policy="evict_first"), ts, FMT)
-            else:
-                s = _scale3(tl.load(sp, mask=wg < KW, other=0, eviction_policy="evict_first"), ts, FMT)
+            s = _tile_scales3(s_ptr + n3 * stride_sn + wg // GW, wg, KW, ts, FMT, EVEN)
         cs = _codes3(v, FMT)
         xk = wi[:, :, :, None] * CPW + c4  # (1, R, G, CH)
         xs = ()  # BM rows of x at the tile's columns: tuples of CPW (1, R, G)
@@ -539,11 +545,7 @@ def _gemv3dot_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_
             v = tl.load(q_ptr + n2 * stride_qn + wi, mask=wi < KW, other=0, eviction_policy="evict_first")
             x = tl.load(xp, mask=(rows < M) & (xk < K), other=0.0, eviction_policy="evict_last")
         if GW != 0:
-            sp = s_ptr + n2 * stride_sn + wi // GW
-            if EVEN:
-                s = _scale3(tl.load(sp, eviction_policy="evict_first"), ts, FMT)
-            else:
-                s = _scale3(tl.load(sp, mask=wi < KW, other=0, eviction_policy="evict_first"), ts, FMT)
+            s = _tile_scales3(s_ptr + n2 * stride_sn + wi // GW, wi, KW, ts, FMT, EVEN)
         cs = _codes3(v, FMT)
         ws = ()
         for i in tl.static_range(CPW):
@@ -637,6 +639,8 @@ def _auto_wide_kernel(m: int, n: int, fmt: str, dtype: torch.dtype) -> str:
     if fmt == "int8":
         return "v3dot" if n > 512 and dtype != torch.float32 else "v3"
     return "v3" if fmt == "nvfp4" or n <= 4096 else "v2"
+
+
 GEMV3_MAX_M = 16  # v3 for M <= this (at most GEMV_MAX_M); 4 < M: _gemv3_config's M > 4 branch
 # (BLOCK_N, BLOCK_W, R, num_warps, split_k, ROUND) for every v3 launch (any M; v3dot takes BLOCK_N (>= 16),
 # BLOCK_W, num_warps and split_k), for sweeps; GEMV3_ROUND replaces only the bf16 rounding of v3 (0: Triton's

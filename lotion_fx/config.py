@@ -53,7 +53,7 @@ class LotionConfig:
         scale (int4, int8) is set by the block's largest |w|, so the penalty also pulls that weight
         in, which shrinks every other weight's rounding variance; nvfp4 through its fp32 tensor scale
         only, mxfp4 not at all (its scales are powers of two). False holds the scales constant
-        (the behaviour before this option). README: choosing the default.
+        (the behaviour before this option). docs/curvature.md: "Through the scale".
     beta: EMA decay of g (bias-corrected like Adam); None = 0.999 for "ema" (per step), 0.95 for
         "gn_sampled" and for each factor of "kfac_diag" (per refresh).
     grad_accum_steps: micro-batches per optimizer step; the loss is assumed divided by it, as in
