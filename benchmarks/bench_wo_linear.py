@@ -96,7 +96,7 @@ def time_with(module: object, knob: str, value: int, x: torch.Tensor, ws: list) 
 
 @contextlib.contextmanager
 def gemv_variant(name: str):
-    """GEMV_KERNEL (and GEMV3_ROUND) for a variant name: "v2", "v3", "v3dot", "v3r0" ... "v3r3"."""
+    """GEMV_KERNEL (and GEMV3_ROUND) for a variant name: "auto", "v2", "v3", "v3dot", "v3r0" ... "v3r3"."""
     keep = T.GEMV_KERNEL, T.GEMV3_ROUND
     rounding = name.startswith("v3r")
     T.GEMV_KERNEL, T.GEMV3_ROUND = (name[:2] if rounding else name), (int(name[3:]) if rounding else None)
@@ -125,8 +125,8 @@ def main() -> None:
     ap.add_argument("--formats", default="int4,nvfp4,int8")
     ap.add_argument("--m", default="1,8,512")
     ap.add_argument("--kernels", default=None, help="GEMV variants to time at M <= 16: v2 (tl.sum GEMV for M <= 4, "
-                    "tl.dot GEMV above), v3, v3dot (M > 4: v3 decode + tl.dot), v3r0 ... v3r3 (default: the "
-                    "library's, triton_matmul.GEMV_KERNEL)")
+                    "tl.dot GEMV above), v3, v3dot (M > 4: v3 decode + tl.dot), auto (per shape), v3r0 ... v3r3 "
+                    "(default: the library's, triton_matmul.GEMV_KERNEL)")
     ap.add_argument("--shapes", default=",".join(s[2] for s in SHAPES),
                     help="layers to time, from " + ", ".join(s[2] for s in SHAPES + FUSED_SHAPES))
     ap.add_argument("--sweep", action="store_true", help="launch-config sweep of the v2 / tl.dot GEMVs")
@@ -137,8 +137,8 @@ def main() -> None:
     args = ap.parse_args()
     kernels = args.kernels.split(",") if args.kernels else [T.GEMV_KERNEL]
     for v in kernels:
-        if v not in ("v2", "v3", "v3dot", "v3r0", "v3r1", "v3r2", "v3r3"):
-            ap.error(f"unknown GEMV variant {v!r}: choose from v2, v3, v3dot, v3r0, v3r1, v3r2, v3r3")
+        if v not in ("auto", "v2", "v3", "v3dot", "v3r0", "v3r1", "v3r2", "v3r3"):
+            ap.error(f"unknown GEMV variant {v!r}: choose from auto, v2, v3, v3dot, v3r0, v3r1, v3r2, v3r3")
     by_name = {s[2]: s for s in SHAPES + FUSED_SHAPES}
     for name in args.shapes.split(","):
         if name not in by_name:
