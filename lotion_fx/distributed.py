@@ -84,16 +84,14 @@ def penalty_grad_rows(
     sentinel[0, 0] = tensor_amax.to(w.dtype)
     ext_w = torch.cat([w.reshape(-1, w.shape[-1]), sentinel])
     ext_g = torch.cat([g_hat.reshape(-1, w.shape[-1]), torch.zeros_like(sentinel, dtype=g_hat.dtype)])
-    out = R.penalty_grad(ext_w, ext_g, fmt, block, lam)
-    if scale_grad:
-        def reduce(share: Tensor, ties: Tensor) -> tuple[Tensor, Tensor]:
-            both = torch.stack([share.reshape(()), ties.reshape(()) - 1])  # - 1: this rank's sentinel
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(both, group=group)
-            return both[0], both[1]
 
-        out = out + R.scale_variance_grad(ext_w, ext_g, fmt, block, lam, reduce)
-    return out[:-1].reshape(w.shape)
+    def reduce(share: Tensor, ties: Tensor) -> tuple[Tensor, Tensor]:
+        both = torch.stack([share.reshape(()), ties.reshape(()) - 1])  # - 1: this rank's sentinel
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(both, group=group)
+        return both[0], both[1]
+
+    return R.penalty_grad(ext_w, ext_g, fmt, block, lam, scale_grad, reduce)[:-1].reshape(w.shape)
 
 
 @torch.no_grad()

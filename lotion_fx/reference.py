@@ -286,17 +286,31 @@ def rounding_variance(
     return (s * s * (m - a) * (b - m)).reshape(w.shape)
 
 
+def _grid_terms(w: Tensor, fmt: Format, block: int) -> tuple[Tensor, ...]:
+    """(w in blocks, block absmax, block scale, scaled x, |x| clamped, grid neighbours a, b): one pass
+    shared by both parts of the penalty gradient."""
+    wb, amax, s = _blocks_amax_scales(w, fmt, block)
+    x = _scaled(wb, amax, s, fmt)
+    return (wb, amax, s, x, *grid_neighbors(x, fmt))
+
+
+def _inside(x: Tensor, m: Tensor, a: Tensor, fmt: Format) -> Tensor:
+    """Where sigma^2 is not flat: off the grid points and below the top of the grid."""
+    return (m > a) & (x.abs() < fmt.qmax)
+
+
 def variance_grad(w: Tensor, fmt: Format | str, block: int) -> Tensor:
     """d sigma^2 / dw with the block scale held constant: s (a + b - 2x) on the signed grid.
 
     Zero on grid points and beyond the top of the grid, where the variance is flat at 0.
     """
     fmt = get_format(fmt)
-    x, s = _blocked_scaled(w, fmt, block)
-    m, a, b = grid_neighbors(x, fmt)
-    inside = (m > a) & (x.abs() < fmt.qmax)
-    g = torch.where(inside, torch.sign(x) * s * (a + b - 2 * m), torch.zeros_like(x))
-    return g.reshape(w.shape)
+    return _variance_grad(_grid_terms(w, fmt, block), fmt).reshape(w.shape)
+
+
+def _variance_grad(terms: tuple[Tensor, ...], fmt: Format) -> Tensor:
+    _, _, s, x, m, a, b = terms
+    return torch.where(_inside(x, m, a, fmt), torch.sign(x) * s * (a + b - 2 * m), torch.zeros_like(x))
 
 
 def penalty_value(w: Tensor, g: Tensor, fmt: Format | str, block: int, lam: float) -> Tensor:
@@ -306,13 +320,19 @@ def penalty_value(w: Tensor, g: Tensor, fmt: Format | str, block: int, lam: floa
 
 
 def penalty_grad(
-    w: Tensor, g: Tensor, fmt: Format | str, block: int, lam: float, scale_grad: bool = False
+    w: Tensor, g: Tensor, fmt: Format | str, block: int, lam: float, scale_grad: bool = False,
+    reduce: ShareReduce | None = None,
 ) -> Tensor:
     """Gradient of penalty_value in w: (lam/2) g s (a+b-2x) with the block scale held constant;
-    with scale_grad, plus the part that flows through the scale (scale_variance_grad)."""
-    vg = variance_grad(w, fmt, block)
-    pen = 0.5 * lam * g.to(vg.dtype) * vg
-    return pen + scale_variance_grad(w, g, fmt, block, lam) if scale_grad else pen
+    with scale_grad, plus the part that flows through the scale (scale_variance_grad; `reduce`: see
+    there)."""
+    fmt = get_format(fmt)
+    terms = _grid_terms(w, fmt, block)
+    vg = _variance_grad(terms, fmt)
+    pen = 0.5 * lam * to_blocks(g.to(vg.dtype), block) * vg
+    if scale_grad:
+        pen = pen + _scale_variance_grad(terms, g, fmt, block, lam, reduce)
+    return pen.reshape(w.shape)
 
 
 def scale_variance_grad(
@@ -329,14 +349,17 @@ def scale_variance_grad(
     the weight, `reduce(share, ties)` sums a per-tensor share and tie count over all of them.
     """
     fmt = get_format(fmt)
+    return _scale_variance_grad(_grid_terms(w, fmt, block), g, fmt, block, lam, reduce).reshape(w.shape)
+
+
+def _scale_variance_grad(terms: tuple[Tensor, ...], g: Tensor, fmt: Format, block: int, lam: float,
+                         reduce: ShareReduce | None) -> Tensor:
+    wb, amax, s, x, m, a, b = terms
     if fmt.scale_rule == "mxfp4":
-        return torch.zeros_like(w, dtype=compute_dtype(w))
-    wb, amax, s = _blocks_amax_scales(w, fmt, block)
-    x = _scaled(wb, amax, s, fmt)
-    m, a, b = grid_neighbors(x, fmt)
-    inside = (m > a) & (x.abs() < fmt.qmax)  # sigma^2 is flat (0) on grid points and when clamped
+        return torch.zeros_like(x)
     gb = to_blocks(g.to(x.dtype), block)
-    dp_ds = torch.where(inside, (0.5 * lam) * gb * s * (m * (a + b) - 2 * a * b), 0).sum(-1, keepdim=True)
+    dp_ds = torch.where(_inside(x, m, a, fmt), (0.5 * lam) * gb * s * (m * (a + b) - 2 * a * b), 0).sum(
+        -1, keepdim=True)
     per_block = fmt.scale_rule == "absmax"
     top, share = (amax, dp_ds / fmt.qmax) if per_block else (amax.amax(), (dp_ds * s).sum())
     at_top = (wb.abs() == top) & (top > 0)
@@ -345,7 +368,7 @@ def scale_variance_grad(
         share, ties = reduce(share, ties)
     if not per_block:  # d(tensor scale)/d amax = tensor scale / amax
         share = share / torch.where(top > 0, top, 1.0)
-    return torch.where(at_top, torch.sign(wb) * share / ties.clamp(min=1), 0).reshape(w.shape)
+    return torch.where(at_top, torch.sign(wb) * share / ties.clamp(min=1), 0)
 
 
 def unclamped_mask(w: Tensor, fmt: Format | str, block: int) -> Tensor:
