@@ -3,7 +3,9 @@
 Prints the mean step time over windows of 20 steps (so lotion's sampled-target curvature pass,
 every `curvature_every` = 10 steps, is counted at its real rate), the spread over windows, peak
 memory, curvature-state bytes per smoothed weight and first-step (compile) time. Run on a GPU:
-python benchmarks/bench_train_step.py [--batch 8] [--windows 5] [--eager]
+python benchmarks/bench_train_step.py [--batch 8] [--windows 5] [--eager] [--dynamic-batch]
+`--dynamic-batch` adds plain with the batch dimension marked dynamic: what a compiled step costs when
+Dynamo has seen two batch sizes (LOTION's refresh on part of the batch makes it recompile that way).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from examples.gpt import GPT, GPTConfig  # noqa: E402
 
 # (method, format, curvature): curvature None = the library default (gn_sampled)
 CASES = [("plain", None, None), ("qat", "int4", None), ("lotion", "int4", None), ("lotion", "int4", "ema"),
+         ("lotion", "int4", "kfac_diag"),
          ("qat", "nvfp4", None), ("lotion", "nvfp4", None)]
 WINDOW = 20
 
@@ -47,13 +50,15 @@ def state_bytes_per_weight(model: torch.nn.Module) -> float:
 
 
 def run(method: str, fmt: str | None, curvature: str | None, compiled: bool, args, cfg: GPTConfig,
-        fraction: float | None = None):
+        fraction: float | None = None, dynamic_batch: bool = False):
     """(first-step seconds, [mean ms/step per window], peak GiB, state bytes per weight)."""
     extra = {"curvature_batch_fraction": fraction} if fraction is not None else {}
     model = build(method, fmt, curvature, cfg, **extra)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fn = torch.compile(model) if compiled else model
     idx = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), device="cuda")
+    if dynamic_batch:
+        torch._dynamo.mark_dynamic(idx, 0)
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -98,6 +103,7 @@ def main() -> None:
     ap.add_argument("--cases", default=None, help="comma list of method-format[-curvature], e.g. plain,lotion-int4")
     ap.add_argument("--batch-fractions", default="", help="also run each lotion case with these "
                     "curvature_batch_fraction values, e.g. 0.5,0.25")
+    ap.add_argument("--dynamic-batch", action="store_true", help="also run plain with a dynamic batch dimension")
     args = ap.parse_args()
     cfg = GPTConfig.preset("gpt2")
     cases = CASES
@@ -106,10 +112,13 @@ def main() -> None:
         cases = [names[n] for n in args.cases.split(",")]
     fractions = [float(f) for f in args.batch_fractions.split(",") if f]
     cases = [(*c, None) for c in cases] + [(*c, f) for f in fractions for c in cases if c[0] == "lotion"]
+    if args.dynamic_batch:
+        cases.append(("plain", None, None, "dynamic"))
     res = {}
     for case in cases:
         for compiled in (True, False) if args.eager else (True,):
-            res[(*case, compiled)] = run(*case[:3], compiled, args, cfg, case[3])
+            dyn = case[3] == "dynamic"
+            res[(*case, compiled)] = run(*case[:3], compiled, args, cfg, None if dyn else case[3], dyn)
             print(*case, "compiled" if compiled else "eager", res[(*case, compiled)], flush=True)
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     plain_key = ("plain", None, None, None, True)
@@ -120,7 +129,10 @@ def main() -> None:
         eager = res.get((*case, False))
         ms = med(win)
         name = case[0] + (f" ({case[2]})" if case[2] else (" (gn_sampled)" if case[0] == "lotion" else ""))
-        name += f", refresh on {case[3]:g} of the batch" if case[3] is not None else ""
+        if case[3] == "dynamic":
+            name += ", batch dim dynamic"
+        elif case[3] is not None:
+            name += f", refresh on {case[3]:g} of the batch"
         rows.append([name, case[1] or "-", f"{ms:.1f}", f"{min(win) / plain:.3f}-{max(win) / plain:.3f}",
                      f"{ms / plain:.3f}x", f"{peak:.2f}", f"{sb:g}",
                      f"{med(eager[1]):.1f}" if eager else "-"])

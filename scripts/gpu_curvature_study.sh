@@ -18,6 +18,7 @@ args_for() {  # variant -> train_lm.py arguments (lotion = the library default)
     qat) echo "--method qat";;
     lotion) echo "--method lotion";;
     lotion_ema) echo "--method lotion --curvature ema";;
+    lotion_kfac) echo "--method lotion --curvature kfac_diag";;
     lotion_held) echo "--method lotion --scale-grad off";;  # the scales held constant (before scale_grad)
     lotion_lam0.1) echo "--method lotion --lam 0.1 --lam-warmup 0";;
     lotion_lam0.3) echo "--method lotion --lam 0.3 --lam-warmup 0";;

@@ -44,11 +44,14 @@ fi
 if [ "$MODE" = study50m ]; then
   # testbed (iv) of the curvature study: 50m GPT, the library default vs PTQ and QAT, all runs at once.
   # RUNS: "format:method:seed ..." (block: the format's default: int4 32, nvfp4 16); method lotion_held:
-  # the default with LotionConfig(scale_grad=False)
+  # the default with LotionConfig(scale_grad=False); lotion_batch1: curvature_batch_fraction=1;
+  # lotion_kfac: curvature="kfac_diag"
   for r in ${RUNS:-int4:ptq:0 int4:qat:0 int4:lotion:0 int4:ptq:1 int4:qat:1 int4:lotion:1 nvfp4:ptq:0 nvfp4:qat:0 nvfp4:lotion:0}; do
     IFS=: read -r fmt m seed <<< "$r"
     margs="--method $m"
     [ "$m" = lotion_held ] && margs="--method lotion --scale-grad off"  # the block scales held constant
+    [ "$m" = lotion_batch1 ] && margs="--method lotion --curvature-batch-fraction 1"  # refresh on the whole batch
+    [ "$m" = lotion_kfac ] && margs="--method lotion --curvature kfac_diag"  # the factored estimator
     python examples/train_lm.py $margs --format $fmt $COMMON --steps "${STEPS:-1200}" --seed $seed --quiet \
       --out "$DEST/${fmt}-default__${m}__s${seed}.json" > "$DEST/${fmt}-default__${m}__s${seed}.log" 2>&1 &
   done
