@@ -243,6 +243,11 @@ class LotionSmoother(nn.Module):
         if self.passthrough or not self.training or c.method in ("none", "ptq"):
             return w
         if c.method == "qat":
+            if w.is_cuda:  # 16-bit CUDA weights: the hand-written Triton kernel (backends/triton_fake_quant.py)
+                from lotion_fx.backends import triton_fake_quant
+
+                if triton_fake_quant.use_for(w, self.fmt, self.block):
+                    return torch.ops.lotion_fx.rtn_quantize_triton(w, self.fmt, self.block)
             return torch.ops.lotion_fx.rtn_quantize(w, self.fmt, self.block)
         if c.method == "lotion_sampled":
             self.step.add_(1)

@@ -59,3 +59,34 @@ def test_gpu_sr_same_bits_as_cpu() -> None:
     # whole grid step (>= 1/14 of the block absmax). Inductor may compute amax / 7 as
     # amax * (1 / 7), so the scale itself can differ from eager in its last bit.
     torch.testing.assert_close(cuda, ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_gpu_qat_bf16_weights_use_the_triton_fake_quant_kernel(fmt: str) -> None:
+    """16-bit weights: qat's forward runs backends/triton_fake_quant.py (traced into the compiled graph),
+    eager and compiled agree, and the straight-through gradient flows; fp32 weights keep Inductor's code."""
+    import lotion_fx
+
+    def qat_net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 128))
+        return lotion_fx.prepare(net, lotion_fx.LotionConfig(method="qat", format=fmt)).cuda()
+
+    eager = qat_net().to(torch.bfloat16)
+    comp = copy.deepcopy(eager)
+    x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
+    out, codes = run_and_get_code(torch.compile(comp), x)
+    assert "_rtn_kernel" in "\n".join(codes), "the Triton fake-quant kernel was not used"
+    ref = eager(x)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)  # bf16 matmuls may fuse the bias differently
+    w = eager.get_parameter("0.weight")
+    blk = 32 if fmt == "int4" else 16
+    with torch.no_grad():  # the weights eager used: the kernel's, equal to the reference bit for bit
+        assert torch.equal(torch.ops.lotion_fx.rtn_quantize_triton(w, fmt, blk), R.fake_quantize(w, fmt, blk))
+    out.float().square().mean().backward()
+    ref.float().square().mean().backward()
+    for (n, a), (_, b) in zip(eager.named_parameters(), comp.named_parameters()):
+        assert a.grad is not None and a.grad.abs().sum() > 0, n
+        torch.testing.assert_close(b.grad, a.grad, rtol=5e-2, atol=1e-3, msg=n)
+    _, codes32 = run_and_get_code(torch.compile(qat_net()), x.float())
+    assert "_rtn_kernel" not in "\n".join(codes32)
