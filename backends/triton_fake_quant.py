@@ -35,8 +35,10 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
+from lotion_fx.formats import get_format
+
 INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-QMAX = {"int4": 7.0, "int8": 127.0, "nvfp4": 6.0}
+QMAX = {name: get_format(name).qmax for name in ("int4", "int8", "nvfp4")}  # the formats this kernel takes
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NVFP4_BLOCK = 16
 
