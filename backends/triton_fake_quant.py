@@ -26,7 +26,6 @@ conversions on the bits.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator
 
 import torch
@@ -35,9 +34,9 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
+from lotion_fx.backends.triton_util import INTERPRET, round_to
 from lotion_fx.formats import get_format
 
-INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 QMAX = {name: get_format(name).qmax for name in ("int4", "int8", "nvfp4")}  # the formats this kernel takes
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NVFP4_BLOCK = 16
@@ -66,17 +65,6 @@ def _to_f32(v, IN: tl.constexpr):
         return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return v.to(tl.float32)
-
-
-@triton.jit
-def _round_to(v, OUT: tl.constexpr):
-    """fp32 -> OUT, round to nearest even (what torch's .to() does)."""
-    if INTERPRET and OUT == tl.bfloat16:  # the interpreter truncates fp32 -> bf16 (and flushes subnormals)
-        b = v.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16  # round on the bits (quiet NaNs stay NaN)
-        return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(OUT)
 
 
 @triton.jit
@@ -142,7 +130,7 @@ def _rtn_kernel(w_ptr, o_ptr, tamax_ptr, R, K, stride_w,
         r = _rint(m)
     # torch.sign(x) * r: -0 for negative x rounded to 0, +0 for x = -0 (Triton's unary minus is 0 - r: +0)
     q = tl.where(x < 0, r * -1.0, r)
-    out = tl.reshape(_round_to(q * s, o_ptr.dtype.element_ty), (BLOCK_R, BLOCK_K))
+    out = tl.reshape(round_to(q * s, o_ptr.dtype.element_ty), (BLOCK_R, BLOCK_K))
     if EVEN:
         tl.store(o_ptrs, out)
     else:

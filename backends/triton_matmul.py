@@ -28,7 +28,6 @@ without a graph break; `linear_reference` is the plain-torch path (CPU) and the 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +35,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lotion_fx.backends.triton_util import INTERPRET, round_to
 from lotion_fx.formats import get_format
 
 FMT_IDS = {"int8": 0, "int4": 1, "nvfp4": 2}
-INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 _E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
@@ -116,17 +115,6 @@ def packed_linear(
 # words: SG columns share one scale (SG divides the block, or the whole row has one scale), so the
 # kernel loads one scale per (row, SG columns) and broadcasts it over the last axis.
 @triton.jit
-def _round_to(v, OUT: tl.constexpr):
-    """fp32 -> OUT, round to nearest even (what torch's .to() does)."""
-    if INTERPRET and OUT == tl.bfloat16:  # the interpreter truncates fp32 -> bf16: round on the bits
-        b = v.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        return b.to(tl.float32, bitcast=True).to(OUT)
-    else:
-        return v.to(OUT)
-
-
-@triton.jit
 def _e2m1(nib):
     """E2M1 nibble (int32; sign bit 3) -> fp32 on the bits: 0, 0.5, then (1 + m/2) * 2^(e-1)."""
     n3 = nib & 7
@@ -171,8 +159,8 @@ def _wtile(q_ptr, s_ptr, ts, offs_n, k0, N, K, stride_qn, stride_sn, group,
         s = tl.where(se == 0, sm.to(tl.float32) * 0.001953125, normal) * ts  # 2^-9
     else:
         s = tl.load(s_ptr + s_off, mask=smask, other=0.0)
-    lo = _round_to(lo * s, OUT).to(tl.float32)
-    hi = _round_to(hi * s, OUT).to(tl.float32)
+    lo = round_to(lo * s, OUT).to(tl.float32)
+    hi = round_to(hi * s, OUT).to(tl.float32)
     return lo, hi
 
 
@@ -210,7 +198,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm, 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out = o_ptr + pid_k * M * N + rows[:, None] * N + offs_n[None, :]
-    tl.store(out, _round_to(acc, o_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(out, round_to(acc, o_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (offs_n[None, :] < N))
 
 
 # ----------------------------------------------------------------------------- GEMV v3 (M <= 16)
@@ -317,7 +305,7 @@ def _scale3(sraw, ts, FMT: tl.constexpr):
 
 @triton.jit
 def _round3(u, OUT: tl.constexpr, ROUND: tl.constexpr, I: tl.constexpr):
-    """(u rounded to OUT) as fp32, exactly `_round_to(u, OUT).to(fp32)`. For bf16, ROUND 0: Triton's cast (a
+    """(u rounded to OUT) as fp32, exactly `round_to(u, OUT).to(fp32)`. For bf16, ROUND 0: Triton's cast (a
     scalar F2F, then a shift); 1: `cvt.rn.bf16x2.f32 d, u, 0`, whose result is the fp32 bits of the rounded
     value (one F2FP); 2: Veltkamp's split, three FP32 ops and no conversion unit: g = u * 2^16 + u, then
     g + (u - g): round-to-nearest-even like cvt for |u| in [2^-126, 2^111) (exhaustive on three binades, and
@@ -338,7 +326,7 @@ def _round3(u, OUT: tl.constexpr, ROUND: tl.constexpr, I: tl.constexpr):
         return tl.inline_asm_elementwise("{ .reg .f32 z; mov.f32 z, 0f00000000; cvt.rn.bf16x2.f32 $0, $1, z; }",
                                          "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1)
     else:
-        return _round_to(u, OUT).to(tl.float32)
+        return round_to(u, OUT).to(tl.float32)
 
 
 @triton.jit
@@ -466,9 +454,9 @@ def _gemv3_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm,
         bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m in tl.static_range(BM):
         if m == 0:
-            tl.store(out, _round_to(_rowsum(accs[0]) + bias, OT), mask=nmask)
+            tl.store(out, round_to(_rowsum(accs[0]) + bias, OT), mask=nmask)
         else:
-            tl.store(out + m * N, _round_to(_rowsum(accs[m]) + bias, OT), mask=offs_n < tl.where(m < M, N, 0))
+            tl.store(out + m * N, round_to(_rowsum(accs[m]) + bias, OT), mask=offs_n < tl.where(m < M, N, 0))
 
 
 @triton.jit
@@ -549,11 +537,11 @@ def _gemv3dot_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_
         cs = _codes3(v, FMT)
         ws = ()
         for i in tl.static_range(CPW):
-            ws = ws + (_round_to(cs[i] * s, OUT),)  # the dequantized weight, bit-exact, in x's dtype
+            ws = ws + (round_to(cs[i] * s, OUT),)  # the dequantized weight, bit-exact, in x's dtype
         acc = _dot_acc(acc, x, _interleave(ws, CPW), False)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(o_ptr + pid_k * M * N + rows * N + offs_n[None, :], _round_to(acc, o_ptr.dtype.element_ty),
+    tl.store(o_ptr + pid_k * M * N + rows * N + offs_n[None, :], round_to(acc, o_ptr.dtype.element_ty),
              mask=(rows < M) & (offs_n[None, :] < N))
 
 
@@ -591,7 +579,7 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm, 
         acc = _dot_acc(acc, xo, tl.reshape(hi, (BLOCK_N, BLOCK_K // 2)), IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(o_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], _round_to(acc, o_ptr.dtype.element_ty),
+    tl.store(o_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], round_to(acc, o_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 

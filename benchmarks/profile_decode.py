@@ -36,8 +36,7 @@ def kernel_table(prof, steps: int, top: int) -> tuple[float, float, list]:
 
 
 # Kernel-name fragments per category (our Triton weight-only kernels; cuBLAS / CUTLASS GEMM and GEMV).
-WEIGHT_MATMUL = ("_gemv", "_gemm_kernel", "_dequant_kernel", "gemv", "gemm", "nvjet", "xmma", "cutlass", "splitk",
-                 "tem_fused_mm")
+WEIGHT_MATMUL = ("gemv", "gemm", "_dequant_kernel", "nvjet", "xmma", "cutlass", "splitk", "tem_fused_mm")
 ATTENTION = ("flash", "attn", "attention", "fmha", "sdpa")
 
 

@@ -279,13 +279,13 @@ def test_qat_picks_the_kernel_for_16_bit_cuda_weights_only() -> None:
 
 @interpret
 def test_straight_through_gradient_matches_rtn_quantize() -> None:
-    """The kernel's op carries qat's straight-through gradient: the same as rtn_quantize's (clamp mask)."""
+    """The kernel's op carries qat's straight-through gradient: the upstream gradient where the reference says
+    the weight is inside the grid (reference.unclamped_mask), 0 where it was clamped."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(8, 64, generator=g).to(_dev())
     up = torch.randn(8, 64, generator=g).to(_dev())
-    grads = []
-    for op in (torch.ops.lotion_fx.rtn_quantize_triton, torch.ops.lotion_fx.rtn_quantize):
+    for fmt, block in (("nvfp4", 16), ("int4", 32)):
         x = w.clone().requires_grad_(True)
-        (op(x, "nvfp4", 16) * up).sum().backward()
-        grads.append(x.grad)
-    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+        (torch.ops.lotion_fx.rtn_quantize_triton(x, fmt, block) * up).sum().backward()
+        want = up * R.unclamped_mask(w, fmt, block).to(up.dtype)
+        assert torch.equal(x.grad, want) and want.abs().sum() > 0
