@@ -26,7 +26,8 @@ from examples.gpt import GPT, GPTConfig  # noqa: E402
 # (method, format, curvature): curvature None = the library default (gn_sampled)
 CASES = [("plain", None, None), ("qat", "int4", None), ("lotion", "int4", None), ("lotion", "int4", "ema"),
          ("lotion", "int4", "kfac_diag"),
-         ("qat", "nvfp4", None), ("lotion", "nvfp4", None)]
+         ("qat", "nvfp4", None), ("lotion", "nvfp4", None), ("qat", "int8", None), ("lotion", "int8", None),
+         ("lotion_sampled", "int4", None), ("lotion_sampled", "nvfp4", None)]
 WINDOW = 20
 
 

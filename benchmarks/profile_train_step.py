@@ -68,12 +68,15 @@ def quantized_numel(model: torch.nn.Module, method: str) -> tuple[int, int]:
     return n, next(iter(ws.values())).element_size()
 
 
-def make(method: str, fmt: str | None, cfg: GPTConfig, device: str) -> torch.nn.Module:
+def make(method: str, fmt: str | None, curvature: str | None, cfg: GPTConfig, device: str) -> torch.nn.Module:
     if device == "cuda":
-        return build(method, fmt, None, cfg)
+        return build(method, fmt, curvature, cfg)
     torch.manual_seed(0)  # bench_train_step.build is CUDA-only; same setup on CPU
     model = GPT(cfg)
-    return model if method == "plain" else lotion_fx.prepare(model, lotion_fx.LotionConfig(method=method, format=fmt))
+    if method == "plain":
+        return model
+    extra = {"curvature": curvature} if curvature else {}
+    return lotion_fx.prepare(model, lotion_fx.LotionConfig(method=method, format=fmt, **extra))
 
 
 def kernel_times(prof, device: str) -> dict[str, tuple[int, float]]:
@@ -124,9 +127,9 @@ def describe(src: str) -> str:
     return " | ".join(parts)
 
 
-def profile_case(method: str, fmt: str | None, cfg: GPTConfig, args) -> dict:
+def profile_case(method: str, fmt: str | None, curvature: str | None, cfg: GPTConfig, args) -> dict:
     dev = args.device
-    model = make(method, fmt, cfg, dev)
+    model = make(method, fmt, curvature, cfg, dev)
     n, wb = quantized_numel(model, method)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
     fn = torch.compile(model)
@@ -164,7 +167,7 @@ def profile_case(method: str, fmt: str | None, cfg: GPTConfig, args) -> dict:
     if dev == "cuda":
         torch.cuda.empty_cache()
     torch._dynamo.reset()
-    return dict(method=method, fmt=fmt, n=n, wb=wb, step_ms=sorted(times)[len(times) // 2],
+    return dict(method=method, fmt=fmt, curvature=curvature, n=n, wb=wb, step_ms=sorted(times)[len(times) // 2],
                 k=ktimes, src=kernel_sources(codes))
 
 
@@ -189,10 +192,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timed", type=int, default=5, help="steps timed (wall clock, synced) before profiling")
-    ap.add_argument("--steps", type=int, default=3, help="steps profiled")
+    ap.add_argument("--steps", type=int, default=10, help="steps profiled (10: one lotion refresh at its real rate)")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--top-ours", type=int, default=8, help="our kernels described per case")
-    ap.add_argument("--cases", default="plain,qat:int4,lotion:int4")
+    ap.add_argument("--cases", default="plain,qat:int4,lotion:int4",
+                    help="method[:format[:curvature]], comma-separated, e.g. lotion:int4:kfac_diag")
     ap.add_argument("--copy-gbs", type=float, default=3000.0, help="device copy bandwidth, GB/s (H100: ~2950 measured)")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT")
@@ -201,12 +205,13 @@ def main() -> None:
     if args.device == "cpu":  # wrap Inductor's C++ kernels in profiler ranges so they show up by name
         torch._inductor.config.cpp.enable_kernel_profile = True
     cfg = GPTConfig.preset(args.size)
-    cases = [(c.split(":")[0], c.split(":")[1] if ":" in c else None) for c in args.cases.split(",")]
+    cases = [(c.split(":") + [None, None])[:3] for c in args.cases.split(",")]
     res = []
-    for method, fmt in cases:
-        r = profile_case(method, fmt, cfg, args)
+    for method, fmt, curvature in cases:
+        r = profile_case(method, fmt, curvature, cfg, args)
         res.append(r)
-        print(f"{method} {fmt or '-'}: {r['step_ms']:.2f} ms/step (wall, median of {args.timed})", flush=True)
+        print(f"{method} {fmt or '-'} {curvature or ''}: {r['step_ms']:.2f} ms/step (wall, median of {args.timed})",
+              flush=True)
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (CPU ops, not kernels)"
     print(f"\ndevice: {dev_name} | torch {torch.__version__} | GPT {args.size}, batch {args.batch}x{cfg.block_size}, "
           f"bf16 autocast, fused AdamW, torch.compile | {args.steps} steps profiled")
@@ -214,7 +219,7 @@ def main() -> None:
     summary = []
     base = None
     for r in res:
-        label = f"{r['method']} {r['fmt'] or ''}".strip()
+        label = " ".join(x for x in (r["method"], r["fmt"], r["curvature"]) if x)
         items = sorted(r["k"].items(), key=lambda kv: -kv[1][1])
         rows = [[short(name), "y" if is_ours(name) else "", f"{c / S:g}", f"{t / S:.0f}"]
                 for name, (c, t) in items[: args.top]]

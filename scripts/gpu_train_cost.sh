@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Where the LOTION training step's cost goes on the lent GPU: recompiles / graph breaks of each case,
+# the step-time benchmark, then a per-kernel profile over 10 steps (one refresh at its real rate).
+# Usage, from the repo root on the GPU machine:
+#   source scripts/device_setup.sh && CASES="lotion-int4,lotion-int4-kfac_diag" bash scripts/gpu_train_cost.sh
+set -u
+OUTDIR=${OUT:-results}; mkdir -p "$OUTDIR"
+CASES=${CASES:-lotion-int4,lotion-int4-kfac_diag}
+PROFILE=${PROFILE:-plain,$(echo "$CASES" | sed 's/-/:/g')}
+TORCH_LOGS="recompiles,graph_breaks" python benchmarks/bench_train_step.py --cases "plain,$CASES" \
+  --windows "${WINDOWS:-5}" > "$OUTDIR/bench_train_step.txt" 2> "$OUTDIR/dynamo_logs.txt"
+tail -20 "$OUTDIR/bench_train_step.txt"
+grep -c "Recompiling\|Graph break" "$OUTDIR/dynamo_logs.txt"; grep -m 12 "Recompiling\|triggered by\|Graph break\|reason" "$OUTDIR/dynamo_logs.txt" | cut -c1-300
+python benchmarks/profile_train_step.py --cases "$PROFILE" 2>&1 | grep -v Warning | tail -80
