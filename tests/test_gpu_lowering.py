@@ -63,9 +63,11 @@ def test_gpu_sr_same_bits_as_cpu() -> None:
 
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 def test_gpu_qat_bf16_weights_use_the_triton_fake_quant_kernel(fmt: str) -> None:
-    """16-bit weights: qat's forward runs backends/triton_fake_quant.py (traced into the compiled graph),
-    eager and compiled agree, and the straight-through gradient flows; fp32 weights keep Inductor's code."""
+    """16-bit weights: qat's forward runs backends/triton_fake_quant.py (traced into the compiled graph; nvfp4
+    when asked for), eager and compiled agree, and the straight-through gradient flows; fp32 weights keep
+    Inductor's code."""
     import lotion_fx
+    from lotion_fx.backends import triton_fake_quant as Q
 
     def qat_net() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -75,9 +77,14 @@ def test_gpu_qat_bf16_weights_use_the_triton_fake_quant_kernel(fmt: str) -> None
     eager = qat_net().to(torch.bfloat16)
     comp = copy.deepcopy(eager)
     x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
-    out, codes = run_and_get_code(torch.compile(comp), x)
-    assert "_rtn_kernel" in "\n".join(codes), "the Triton fake-quant kernel was not used"
-    ref = eager(x)
+    if fmt == "nvfp4":  # "auto" leaves nvfp4 to Inductor's code; "triton" asks for the kernel
+        _, codes = run_and_get_code(torch.compile(copy.deepcopy(eager)), x)
+        assert "_rtn_kernel" not in "\n".join(codes)
+        torch._dynamo.reset()
+    with Q.kernel_choice("triton" if fmt == "nvfp4" else "auto"):
+        out, codes = run_and_get_code(torch.compile(comp), x)
+        assert "_rtn_kernel" in "\n".join(codes), "the Triton fake-quant kernel was not used"
+        ref = eager(x)
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)  # bf16 matmuls may fuse the bias differently
     w = eager.get_parameter("0.weight")
     blk = 32 if fmt == "int4" else 16

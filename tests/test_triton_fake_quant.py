@@ -257,8 +257,8 @@ def test_gpu_compile_inductor_cuda_graphs(fmt: str, block: int) -> None:
 
 
 def test_qat_picks_the_kernel_for_16_bit_cuda_weights_only() -> None:
-    """use_for: "auto" takes the kernel for bf16/fp16 CUDA weights it supports, never for CPU or unsupported
-    blocks; "triton" adds fp32, "reference" turns it off (fake CUDA tensors: no GPU needed)."""
+    """use_for: "auto" takes the kernel for bf16/fp16 int4/int8 CUDA weights it supports, never for CPU,
+    unsupported blocks or nvfp4; "triton" adds fp32 and nvfp4, "reference" turns it off (fake CUDA tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -267,9 +267,10 @@ def test_qat_picks_the_kernel_for_16_bit_cuda_weights_only() -> None:
         cpu = torch.empty(64, 128, dtype=BF16)
         assert Q.use_for(bf16, "int4", 32) and not Q.use_for(f32, "int4", 32)
         assert not Q.use_for(cpu, "int4", 32) and not Q.use_for(bf16, "int4", 128 + 64)
+        assert Q.use_for(bf16, "int8", 128) and not Q.use_for(bf16, "nvfp4", 16)
         assert not Q.use_for(bf16, "mxfp4", 32) and not Q.use_for(bf16, "nvfp4", 32)
         with Q.kernel_choice("triton"):
-            assert Q.use_for(f32, "nvfp4", 16)
+            assert Q.use_for(f32, "nvfp4", 16) and Q.use_for(bf16, "nvfp4", 16)
         with Q.kernel_choice("reference"):
             assert not Q.use_for(bf16, "int4", 32)
     with pytest.raises(ValueError, match="kernel_choice must be one of"):
