@@ -6,6 +6,7 @@ model computes what `quantized_eval` evaluated (up to the float rounding of torc
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -133,6 +134,23 @@ def _refuse_after_convert(module: nn.Module, args: object) -> None:
     )
 
 
+def _warn_if_penalty_never_acted(smooth: Mapping[str, nn.Module]) -> None:
+    """LOTION trained without curvature data is plain training: say so before it deploys as if smoothed."""
+    idle = [name for name, sm in smooth.items() if sm.curvature_never_measured()]
+    if not idle:
+        return
+    curvature = smooth[idle[0]].config.curvature
+    where = ("in the training backward (did no backward run in train mode?)" if curvature == "ema" else
+             "by lotion_fx.curvature_step(model, inputs), once per optimizer step (README, Quick start; "
+             "lotion_fx.hf_trainer.LotionTrainer calls it for you)")
+    warnings.warn(
+        f"lotion_fx.convert: LOTION's penalty never acted on {len(idle)} of {len(smooth)} weights (e.g. "
+        f"{idle[0]!r}): their curvature={curvature!r} estimate has no data, so they trained as plain "
+        f"training and deploy as PTQ would. The curvature is measured {where}.",
+        stacklevel=3,
+    )
+
+
 def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn.Module:
     """Return the original module with each prepared Linear weight replaced by a torchao tensor.
 
@@ -158,6 +176,7 @@ def convert(prepared: nn.Module, formats: Mapping[str, str] | None = None) -> nn
     smooth = smoothers(prepared)
     check_finite_weights(((r.module_name, prepared.get_parameter(r.param_name)) for r in info.result.rewritten),
                          "lotion_fx.convert")
+    _warn_if_penalty_never_acted(smooth)
     plans: list[_Plan] = []
     problems: list[str] = []
     for rec in info.result.rewritten:

@@ -171,6 +171,13 @@ class LotionSmoother(nn.Module):
             factor = factor * R.curvature_factor(count, beta, 1.0).to(g.device)
         return g.float() * factor
 
+    def curvature_never_measured(self) -> bool:
+        """True for a `lotion` node whose estimator never produced data (its count is still 0): the
+        penalty never acted, so the weight trained as plain training would. `adam` is not judged here
+        (it reads the optimizer's state)."""
+        c = self.config
+        return c.method == "lotion" and c.curvature != "adam" and int(self.count) == 0
+
     # ------------------------------------------------------------------ modes (set by their owners' calls)
     def use_rounded_weights(self, on: bool) -> None:
         """quantized_eval: the weight already holds RTN(w), so the node is the identity."""

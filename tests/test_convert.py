@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,3 +256,28 @@ def test_needs_tensor_absmax_is_whether_other_rows_move_a_rows_scales(fmt, block
     louder[1:] *= 1000.0
     moved = not torch.equal(R.block_scales(w, fmt, block)[0], R.block_scales(louder, fmt, block)[0])
     assert lotion_fx.get_format(fmt).needs_tensor_absmax(block) == moved
+
+
+@pytest.mark.parametrize("curvature", ["gn_sampled", "kfac_diag"])
+def test_convert_warns_when_lotion_trained_without_its_curvature(curvature: str) -> None:
+    """LOTION trained without lotion_fx.curvature_step never measures g: the penalty never acted and the
+    export is PTQ's. convert says so, naming the missing call; with the call in the loop it says nothing."""
+    def train(with_curvature_step: bool) -> nn.Module:
+        model, x, y = _model_and_batch()
+        cfg = lotion_fx.LotionConfig(curvature=curvature, format="int4")
+        prepared = lotion_fx.prepare(model, cfg, example_inputs=(x,))
+        opt = torch.optim.SGD(prepared.parameters(), lr=1e-3)
+        for _ in range(2):
+            if with_curvature_step:
+                lotion_fx.curvature_step(prepared, x)
+            _loss(prepared, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        return prepared
+
+    with pytest.warns(UserWarning, match=r"penalty never acted on \d+ of \d+ weights.*curvature_step"):
+        lotion_fx.convert(train(with_curvature_step=False))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lotion_fx.convert(train(with_curvature_step=True))
+    assert not [w for w in seen if "never acted" in str(w.message)]
