@@ -3,7 +3,8 @@
 Prints the mean step time over windows of 20 steps (so lotion's sampled-target curvature pass,
 every `curvature_every` = 10 steps, is counted at its real rate), the spread over windows, peak
 memory, curvature-state bytes per smoothed weight and first-step (compile) time. Run on a GPU:
-python benchmarks/bench_train_step.py [--batch 8] [--windows 5] [--eager] [--dynamic-batch]
+python benchmarks/bench_train_step.py [--batch 8] [--windows 5] [--eager] [--dynamic-batch] [--param-dtype bf16]
+`--param-dtype bf16` trains bf16 weights (no fp32 masters), where qat int4/int8 runs the Triton fake-quant kernel.
 `--dynamic-batch` adds plain with the batch dimension marked dynamic: what a compiled step costs when
 Dynamo has seen two batch sizes (LOTION's refresh on part of the batch makes it recompile that way).
 """
@@ -29,11 +30,13 @@ CASES = [("plain", None, None), ("qat", "int4", None), ("lotion", "int4", None),
          ("qat", "nvfp4", None), ("lotion", "nvfp4", None), ("qat", "int8", None), ("lotion", "int8", None),
          ("lotion_sampled", "int4", None), ("lotion_sampled", "nvfp4", None)]
 WINDOW = 20
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build(method: str, fmt: str | None, curvature: str | None, cfg: GPTConfig, **extra) -> torch.nn.Module:
+def build(method: str, fmt: str | None, curvature: str | None, cfg: GPTConfig,
+          param_dtype: torch.dtype = torch.float32, **extra) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = GPT(cfg).cuda()
+    model = GPT(cfg).cuda().to(param_dtype)
     if method == "plain":
         return model
     extra = {"curvature": curvature, **extra} if curvature else extra
@@ -54,7 +57,7 @@ def run(method: str, fmt: str | None, curvature: str | None, compiled: bool, arg
         fraction: float | None = None, dynamic_batch: bool = False):
     """(first-step seconds, [mean ms/step per window], peak GiB, state bytes per weight)."""
     extra = {"curvature_batch_fraction": fraction} if fraction is not None else {}
-    model = build(method, fmt, curvature, cfg, **extra)
+    model = build(method, fmt, curvature, cfg, PARAM_DTYPES[args.param_dtype], **extra)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fn = torch.compile(model) if compiled else model
     idx = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), device="cuda")
@@ -105,6 +108,9 @@ def main() -> None:
     ap.add_argument("--batch-fractions", default="", help="also run each lotion case with these "
                     "curvature_batch_fraction values, e.g. 0.5,0.25")
     ap.add_argument("--dynamic-batch", action="store_true", help="also run plain with a dynamic batch dimension")
+    ap.add_argument("--param-dtype", choices=sorted(PARAM_DTYPES), default="fp32",
+                    help="dtype of the weights (bf16: no fp32 master weights; qat int4/int8 then runs the "
+                         "hand-written Triton fake-quant kernel)")
     args = ap.parse_args()
     cfg = GPTConfig.preset("gpt2")
     cases = CASES
@@ -140,7 +146,8 @@ def main() -> None:
         crow.append([name, case[1] or "-", f"{first:.1f}", f"{first / res[plain_key][0]:.2f}x"])
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | GPT-2 small "
           f"({sum(p.numel() for p in GPT(cfg).parameters()) / 1e6:.0f}M), batch {args.batch}x{cfg.block_size}, "
-          f"bf16 autocast, AdamW; ms/step = median over {args.windows} windows of {WINDOW} steps")
+          f"{args.param_dtype} weights, bf16 autocast, AdamW; ms/step = median over {args.windows} windows of "
+          f"{WINDOW} steps")
     print(tabulate(rows, headers=["method", "format", "compiled ms/step", "range vs plain (windows)", "vs plain",
                                   "peak GiB", "state B/weight", "eager ms/step"]))
     print()
