@@ -248,7 +248,7 @@ def _refresh_with(model, prepared, smooth, names, params, sharded, seed, step, l
             gen = torch.Generator(device=pred.device).manual_seed(R.mix_seed(R.mix_seed(seed, step), _rank()))
             target_loss = sampled_target_loss(pred, loss, gen) * math.sqrt(loss_scale)
             if sharded:
-                sq = _fsdp_squared_grads(params, target_loss)
+                sq = _fsdp_squared_grads(params, target_loss, [smooth[n].holds_g_shard() for n in names])
             else:
                 grads = torch.autograd.grad(target_loss, params, allow_unused=True)
     finally:
@@ -277,20 +277,21 @@ def _refresh_with(model, prepared, smooth, names, params, sharded, seed, step, l
         _all_reduce_mean([s for s in sq if s is not None])
     elif not sharded:  # one process: the fold squares them in its fused pass
         sq, square = grads, True
-    # in the smoother's (out, in) view of the weight
-    fold_sampled_all([(smooth[n], smoothed_weight(prepared, n, s)) for n, s in zip(names, sq) if s is not None],
-                     square=square)
+    # in the smoother's (out, in) view of the weight, or already the rows of its g shard
+    fold_sampled_all([(smooth[n], s if smooth[n].holds_g_shard() else smoothed_weight(prepared, n, s))
+                      for n, s in zip(names, sq) if s is not None], square=square)
 
 
-def _fsdp_squared_grads(params: list[Tensor], target_loss: Tensor) -> list[Tensor | None]:
+def _fsdp_squared_grads(params: list[Tensor], target_loss: Tensor, local: list[bool]) -> list[Tensor | None]:
     """FSDP2: the backward reduce-scatters the ranks' sampled gradients into their mean, sharded by
     rows. Each rank's targets are independent and zero-mean, so E[R * mean^2] = mean_r E[v_r^2] (what
-    DDP averages): unbiased, returned as full tensors, identical on every rank."""
+    DDP averages): unbiased. Returned as this rank's rows where `local` (g held as the same row shard),
+    else as full tensors, identical on every rank."""
     import torch.distributed as dist
 
     target_loss.backward()
     out: list[Tensor | None] = []
-    for p in params:
+    for p, keep in zip(params, local):
         if p.grad is None:
             out.append(None)
         elif type(p.grad).__name__ != "DTensor":
@@ -299,7 +300,8 @@ def _fsdp_squared_grads(params: list[Tensor], target_loss: Tensor) -> list[Tenso
                 "set_requires_gradient_sync(True) (e.g. before the first micro-batch of a step)"
             )
         else:
-            out.append((p.grad.float().square() * dist.get_world_size()).full_tensor())
+            sq = p.grad.float().square() * dist.get_world_size()
+            out.append(sq.to_local() if keep else sq.full_tensor())
     return out
 
 

@@ -7,10 +7,14 @@ of g right after the gradient reduction: in a DDP communication hook, or in FSDP
 post-accumulate-grad hook on each sharded parameter. Under FSDP2, g is held as a DTensor sharded
 like its parameter (whole rows, so blocks along in_features are never split); the per-tensor amax
 that nvfp4 and per-tensor blocks need is all-reduced (one scalar per weight).
-The default `gn_sampled` needs none of this: its penalty runs in the graph with a g replicated on
-every rank (identical there, so the reduction keeps it), and curvature_step makes g the same
-everywhere (all-reduce of squared gradients under DDP; world size x the squared reduce-scattered
-mean under FSDP2); so does `kfac_diag` (its factors' sums are averaged over ranks in both).
+The default `gn_sampled` needs this only for memory: its penalty can run in the graph with a g
+replicated on every rank (identical there, so the reduction keeps it; what DDP and a plain
+`fully_shard` do), and curvature_step makes g the same everywhere (all-reduce of squared gradients
+under DDP; world size x the squared reduce-scattered mean under FSDP2). `wrap(..., "fsdp")` shards
+it like `ema`'s (2 / world bytes per weight per rank): the penalty moves to the post-accumulate hook
+and curvature_step folds each rank's rows of the squared mean into its shard. Weights stored (in, out)
+(GPT-2's Conv1D), whose row shards are not rows of g, keep the replicated g. `kfac_diag` needs none
+of this (its factors' sums are averaged over ranks in both).
 """
 
 import functools
@@ -99,13 +103,13 @@ def _apply_after_reduction(
     sm: LotionSmoother, w: Tensor, grad: Tensor, g: Tensor, tensor_amax: Tensor | None = None,
     group: Any = None,
 ) -> None:
-    """The lotion backward (ops.lotion_backward_math: penalty from g of earlier steps, then the
-    `ema` update) applied in place to the reduced (global-batch mean) task gradient, once per
+    """The lotion backward (ops.lotion_backward_math: penalty from g of earlier steps, then for
+    `ema` the update of g) applied in place to the reduced (global-batch mean) task gradient, once per
     optimizer step. w, grad, g are the local rows (all of them under DDP)."""
     c = sm.config
     pen = functools.partial(penalty_grad_rows, tensor_amax=tensor_amax, group=group)
     out = lotion_backward_math(grad, w, g, sm.count, sm.lam_now, sm.fmt, sm.block, c.beta,
-                               c.curvature_scale, 1, True, c.scale_grad, penalty_grad=pen)
+                               c.curvature_scale, 1, c.curvature == "ema", c.scale_grad, penalty_grad=pen)
     grad.copy_(out)
 
 
@@ -119,8 +123,12 @@ class _SyncState:
 
     @torch.compiler.disable  # plain Python state: no guard on the count, no recompiles
     def count_forward(self, module: nn.Module, args: Any) -> None:
-        if module.training and torch.is_grad_enabled():
+        if module.training and torch.is_grad_enabled() and not self.sampling():
             self.micro += 1
+
+    def sampling(self) -> bool:
+        """In curvature_step's sampled pass: its forward and backward are not a training micro-step."""
+        return any(sm.sampling for sm in self.by_param.values())
 
     def last_micro_step(self) -> bool:
         return self.micro % self.k == 0
@@ -146,7 +154,7 @@ def _ddp_comm_hook(state: _SyncState, bucket: dist.GradBucket) -> torch.futures.
 
 def _fsdp_hook(state: _SyncState, sm: LotionSmoother):
     def hook(p: Tensor) -> None:
-        if not state.last_micro_step():
+        if sm.sampling or not state.last_micro_step():
             return
         w, grad, g = p.to_local().detach(), p.grad.to_local(), sm.g.to_local()
         amax = None
@@ -186,17 +194,22 @@ def wrap(prepared: nn.Module, mode: str = "ddp") -> nn.Module:
         return prepared
     cfg = info.config
     smooth = smoothers(inner)
-    ema = {name: sm for name, sm in smooth.items() if cfg.method == "lotion" and cfg.curvature == "ema"}
-    tied = [r.param_name for r in info.result.rewritten if r.aliases and r.param_name in ema]
+    # the smoothers whose penalty (and `ema` update) runs after the gradient reduction
+    deferred = {name: sm for name, sm in smooth.items() if cfg.method == "lotion" and cfg.curvature == "ema"}
+    if mode == "fsdp" and cfg.method == "lotion" and cfg.curvature == "gn_sampled":  # g sharded, see above
+        rows_of_g = {r.param_name for r in info.result.rewritten if not r.transposed}
+        deferred = {name: sm for name, sm in smooth.items() if name in rows_of_g}
+    tied = [r.param_name for r in info.result.rewritten if r.aliases and r.param_name in deferred
+            and cfg.curvature == "ema"]
     if tied and dist.get_rank() == 0:
         warnings.warn(
             f"{tied}: tied weights (also used outside their Linear) feed g with the parameter's whole "
             "reduced gradient under DDP/FSDP, not only the Linear's share as in one process",
             stacklevel=2,
         )
-    for sm in ema.values():
+    for sm in deferred.values():
         sm.defer_to_after_reduction()
-    by_param = {id(inner.get_parameter(n)): sm for n, sm in ema.items()}
+    by_param = {id(inner.get_parameter(n)): sm for n, sm in deferred.items()}
     state = _SyncState(by_param, cfg.grad_accum_steps)
     device = next(inner.parameters()).device
     if mode == "ddp":
@@ -207,10 +220,10 @@ def wrap(prepared: nn.Module, mode: str = "ddp") -> nn.Module:
         if state.k > 1:
             model.register_forward_pre_hook(state.count_forward)
         return model
-    return _wrap_fsdp(prepared, inner, ema, state, device)
+    return _wrap_fsdp(prepared, inner, deferred, state, device)
 
 
-def _wrap_fsdp(prepared: nn.Module, inner: nn.Module, ema: dict[str, LotionSmoother],
+def _wrap_fsdp(prepared: nn.Module, inner: nn.Module, deferred: dict[str, LotionSmoother],
                state: _SyncState, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -219,17 +232,18 @@ def _wrap_fsdp(prepared: nn.Module, inner: nn.Module, ema: dict[str, LotionSmoot
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     fully_shard(inner, mesh=mesh)  # Shard(0): each rank holds whole rows
     rank, world = mesh.get_local_rank(), mesh.size()
-    for name, sm in ema.items():
+    for name, sm in deferred.items():  # g sharded like the weight
         p = inner.get_parameter(name)
         if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
             raise AssertionError(f"{name}: expected FSDP2 to shard it as Shard(0), got {type(p).__name__}")
         full = sm.g
         chunks = list(torch.chunk(full, world, dim=0))  # FSDP2's row split (torch.chunk)
         local = chunks[rank].clone() if rank < len(chunks) else full.new_zeros((0, *full.shape[1:]))
+        first_row = sum(c.shape[0] for c in chunks[:rank])
         if local.shape != p.to_local().shape:
             raise AssertionError(f"{name}: g shard {tuple(local.shape)} != parameter shard "
                                  f"{tuple(p.to_local().shape)}")
-        sm.shard_curvature(local, mesh, [Shard(0)], full.shape, full.stride())
+        sm.shard_curvature(local, mesh, [Shard(0)], full.shape, full.stride(), first_row)
         p.register_post_accumulate_grad_hook(_fsdp_hook(state, sm))
     if state.k > 1:
         inner.register_forward_pre_hook(state.count_forward)

@@ -203,15 +203,16 @@ def uniform_noise(numel: int, seed: int, step: Tensor | int, device: torch.devic
     return (h >> 8).to(torch.float32) * (2.0**-24)
 
 
-def to_bfloat16_stochastic(x: Tensor, seed: int, step: Tensor | int) -> Tensor:
-    """fp32 -> bf16 with unbiased stochastic rounding (E = x), noise keyed by (seed, step).
+def to_bfloat16_stochastic(x: Tensor, seed: int, step: Tensor | int, offset: int = 0) -> Tensor:
+    """fp32 -> bf16 with unbiased stochastic rounding (E = x), noise keyed by (seed, step) and the flat
+    element index (`offset`: where x starts in a larger tensor, e.g. a row shard, so the bits match).
 
     Round-to-nearest bf16 (8 bits of mantissa) drops an EMA increment below half an ulp, 2^-9 of
     g: with beta 0.995 most updates would vanish and g would drift. Adding 16 random low bits to
     the fp32 pattern and truncating keeps the EMA unbiased at 2 bytes of state per weight.
     """
     bits = x.float().contiguous().view(torch.int32)
-    noise = (uniform_noise(x.numel(), seed, step, x.device) * 65536.0).to(torch.int32)
+    noise = (uniform_noise(x.numel(), seed, step, x.device, offset) * 65536.0).to(torch.int32)
     return ((bits + noise.reshape(x.shape)) & -65536).view(torch.float32).to(torch.bfloat16)
 
 

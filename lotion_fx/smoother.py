@@ -51,7 +51,9 @@ class LotionSmoother(nn.Module):
         self.after_reduction = False
         self._optimizer: weakref.ref | None = None
         self._host_steps: int | None = None  # see steps_taken()
+        self._g_offset = 0  # flat index of this process's first element of g (FSDP2 row shard)
         self.observing = False  # kfac_diag: set by curvature_step around its sampled pass
+        self.sampling = False  # set around curvature_step's sampled pass (set_penalty_enabled_all)
         dev = weight.device
         # the config travels in the state dict (as JSON bytes: torch.save and safetensors alike), so a
         # checkpoint is never loaded into a model prepared differently
@@ -160,12 +162,14 @@ class LotionSmoother(nn.Module):
         return state["exp_avg_sq"], step, beta2, False
 
     def g_hat(self, w: Tensor) -> Tensor | None:
-        """The curvature the penalty uses now (bias-corrected, times curvature_scale), fp32; None
-        before the estimator has data (no penalty yet)."""
+        """The curvature the penalty uses now (bias-corrected, times curvature_scale), fp32, whole (an
+        FSDP2 shard is gathered: every rank calls it together); None before the estimator has data."""
         curv = self.curvature(w) if self.config.method == "lotion" else None
         if curv is None or float(curv[1]) == 0:
             return None
         g, count, beta, _ = curv
+        if type(g).__name__ == "DTensor":
+            g = g.full_tensor()
         factor = R.curvature_factor(count, beta, self.config.curvature_scale).to(g.device)
         if self.config.curvature == "kfac_diag":  # each factor is its own bias-corrected EMA
             factor = factor * R.curvature_factor(count, beta, 1.0).to(g.device)
@@ -193,12 +197,22 @@ class LotionSmoother(nn.Module):
         self._optimizer = weakref.ref(optimizer)
 
     def shard_curvature(self, local: Tensor, mesh: Any, placements: list, shape: torch.Size,
-                        stride: tuple[int, ...]) -> None:
-        """FSDP2: hold g as the DTensor shard that matches the sharded weight."""
+                        stride: tuple[int, ...], first_row: int = 0) -> None:
+        """FSDP2: hold g as the DTensor shard (rows from `first_row`) that matches the sharded weight."""
         from torch.distributed.tensor import DTensor
 
         self._buffers["g"] = DTensor.from_local(local, mesh, placements, run_check=False,
                                                 shape=shape, stride=stride)
+        self._g_offset = first_row * (shape[1] if len(shape) > 1 else 1)
+
+    def holds_g_shard(self) -> bool:
+        """Whether g is an FSDP2 row shard (lotion_fx.distributed.wrap(..., "fsdp"))."""
+        return type(self._buffers.get("g")).__name__ == "DTensor"
+
+    def g_local(self) -> tuple[Tensor, int]:
+        """(g as this process holds it, the flat index of its first element in the whole g): all of g,
+        or under FSDP2 after `shard_curvature` its row shard."""
+        return (self.g.to_local() if self.holds_g_shard() else self.g), self._g_offset
 
     def steps_taken(self) -> int:
         """Optimizer steps seen by curvature_step. Mirrored on the host (read from the buffer once,
@@ -311,14 +325,15 @@ def advance_all(smoothers: list[LotionSmoother]) -> None:
     _fill_all(moved)
 
 
-def _fold_math(gs: list[Tensor], grads: list[Tensor], seeds: list[int], counts: list[Tensor], beta: float,
-               square: bool) -> list[Tensor]:
-    """beta g + (1 - beta) grad^2 (grad already squared unless `square`), bf16 g stochastically rounded."""
+def _fold_math(gs: list[Tensor], grads: list[Tensor], seeds: list[int], offsets: list[int], counts: list[Tensor],
+               beta: float, square: bool) -> list[Tensor]:
+    """beta g + (1 - beta) grad^2 (grad already squared unless `square`), bf16 g stochastically rounded
+    (noise keyed by each element's index in the whole g: a row shard rounds as the whole would)."""
     out = []
-    for g, gr, seed, count in zip(gs, grads, seeds, counts):
+    for g, gr, seed, offset, count in zip(gs, grads, seeds, offsets, counts):
         sq = gr.float().square() if square else gr.float()
         new = beta * g.float() + (1.0 - beta) * sq
-        out.append(R.to_bfloat16_stochastic(new, seed, count) if g.dtype == torch.bfloat16 else new)
+        out.append(R.to_bfloat16_stochastic(new, seed, count, offset) if g.dtype == torch.bfloat16 else new)
     return out
 
 
@@ -330,27 +345,31 @@ _FOLD_COMPILED: Any = None
 
 @torch.no_grad()
 def fold_sampled_all(pairs: list[tuple["LotionSmoother", Tensor]], square: bool, compiled: bool | None = None) -> None:
-    """For each (smoother, sampled gradient in its (out, in) view): g <- beta g + (1 - beta) grad^2,
-    count += 1. `square=False`: the gradients are squared already (averaged over ranks). `compiled`:
-    None = on CUDA only."""
+    """For each (smoother, sampled gradient in its (out, in) view, or of its g shard under FSDP2):
+    g <- beta g + (1 - beta) grad^2, count += 1. `square=False`: the gradients are squared already
+    (averaged over ranks). `compiled`: None = on CUDA only."""
     global _FOLD_COMPILED
     if not pairs:
         return
-    gs = [sm.g for sm, _ in pairs]
+    gs, offsets = map(list, zip(*(sm.g_local() for sm, _ in pairs)))
     counts = [sm.count for sm, _ in pairs]
     fold = _fold_math
     if compiled if compiled is not None else gs[0].is_cuda:
         if _FOLD_COMPILED is None:
             _FOLD_COMPILED = torch.compile(_fold_math, fullgraph=True, dynamic=False)
         fold = _FOLD_COMPILED
-    new = fold(gs, [gr for _, gr in pairs], [sm.seed for sm, _ in pairs], counts, pairs[0][0].config.beta, square)
+    new = fold(gs, [gr for _, gr in pairs], [sm.seed for sm, _ in pairs], offsets, counts, pairs[0][0].config.beta,
+               square)
     torch._foreach_copy_(gs, new)
     torch._foreach_add_(counts, 1)
 
 
 @torch.no_grad()
 def set_penalty_enabled_all(smoothers: list[LotionSmoother], enabled: bool) -> None:
-    """lam_now of each smoother: its scheduled lam (enabled) or 0 (curvature_step's sampled pass)."""
+    """lam_now of each smoother: its scheduled lam (enabled) or 0 (curvature_step's sampled pass, which
+    `sampling` marks on the host for the after-reduction hooks of lotion_fx.distributed)."""
+    for sm in smoothers:
+        sm.sampling = not enabled
     _fill_all([(sm.lam_now, sm._lam_at(sm.steps_taken()) if enabled else 0.0) for sm in smoothers])
 
 

@@ -112,13 +112,28 @@ def _fsdp_sampled(rank: int, device: torch.device, x: torch.Tensor, y: torch.Ten
     out = {}
     for curvature in ("gn_sampled", "kfac_diag"):
         out.update(_fsdp_run(device, curvature, x, y))
+    for accum in (1, 2):
+        out.update(_fsdp_run(device, "gn_sampled", x, y, wrap=False, accum=accum))
+    out.update(_fsdp_run(device, "gn_sampled", x, y, accum=2))
     return out
 
 
-def _fsdp_run(device: torch.device, curvature: str, x: torch.Tensor, y: torch.Tensor) -> dict:
+def _fsdp_run(device: torch.device, curvature: str, x: torch.Tensor, y: torch.Tensor, wrap: bool = True,
+              accum: int = 1) -> dict:
+    """wrap=False: a user's plain fully_shard(prepare(model)), where g stays whole on every rank.
+    accum: micro-batches per step (curvature_step before the first, gradient sync on the last only)."""
+    from torch.distributed.fsdp import fully_shard
+
     torch.manual_seed(0)
-    prepared = lotion_fx.prepare(Net(), lotion_fx.LotionConfig(curvature=curvature, **GN_CFG)).to(device)
-    model = D.wrap(prepared, "fsdp")
+    cfg = lotion_fx.LotionConfig(curvature=curvature, grad_accum_steps=accum, **GN_CFG)
+    prepared = lotion_fx.prepare(Net(), cfg).to(device)
+    model = D.wrap(prepared, "fsdp") if wrap else fully_shard(prepared)
+    if curvature == "gn_sampled":  # wrap holds g as the row shard of its weight (fc2: 5 rows = 3 + 2)
+        for pname, sm in lotion_fx.smoothers(prepared).items():
+            full_rows = 5 if pname == "fc2.weight" else 48
+            shard_rows = (3, 2)[dist.get_rank()] if pname == "fc2.weight" else 24
+            assert sm.holds_g_shard() == wrap
+            assert sm.g_local()[0].shape[0] == (shard_rows if wrap else full_rows)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     first = None
     for _ in range(STEPS):
@@ -126,16 +141,20 @@ def _fsdp_run(device: torch.device, curvature: str, x: torch.Tensor, y: torch.Te
         if first is None:
             first = {n: sm.g_hat(prepared.get_parameter(n)).detach().cpu().clone()
                      for n, sm in lotion_fx.smoothers(prepared).items()}
-        nn.functional.mse_loss(model(x), y).backward()
+        for i, (xb, yb) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+            model.set_requires_gradient_sync(i == accum - 1)
+            (nn.functional.mse_loss(model(xb), yb) / accum).backward()
         opt.step()
         opt.zero_grad()
+        model.set_requires_gradient_sync(True)  # curvature_step's sampled backward needs the reduction
     state = D.full_state_dict(model)
     g_final = {n: sm.g_hat(prepared.get_parameter(n)).detach().cpu().clone()
                for n, sm in lotion_fx.smoothers(prepared).items()}
     firsts, finals = [None, None], [None, None]
     dist.all_gather_object(firsts, first)
     dist.all_gather_object(finals, g_final)
-    return {f"fsdp-{curvature}": (firsts, finals, state)}
+    return {f"fsdp-{curvature}" + ("" if wrap else "-unwrapped") + ("" if accum == 1 else f"-accum{accum}"):
+            (firsts, finals, state)}
 
 
 def _plain_ddp(rank: int, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -267,6 +286,23 @@ def test_fsdp_default_curvature_is_the_mean_squared_sampled_gradient(distributed
     for n, g0, g1 in zip(names, *grads):  # g_hat after one refresh: the bias-corrected estimate itself
         torch.testing.assert_close(firsts[0][n], 2 * ((g0 + g1) / 2).square(), rtol=1e-2, atol=1e-9)
     assert int(state["lotion.fc1_weight.count"]) == STEPS and all(torch.isfinite(v).all() for v in finals[0].values())
+
+
+def test_fsdp_default_curvature_sharded_trains_as_replicated(distributed_results: dict) -> None:
+    """gn_sampled under wrap(..., "fsdp") holds g as row shards (asserted in the workers) and applies the
+    penalty after the reduce-scatter; a plain fully_shard keeps g whole and the penalty in the graph.
+    Same targets, same noise for the stochastic rounding of g (keyed by each element's index in the
+    whole g): the two runs give the same weights and the same g."""
+    for suffix in ("", "-accum2"):  # accum2: the sampled pass's forward is not counted as a micro-step
+        _, finals, state = distributed_results["fsdp-gn_sampled" + suffix]
+        _, finals_whole, state_whole = distributed_results["fsdp-gn_sampled-unwrapped" + suffix]
+        assert set(state) == set(state_whole)
+        for k in state:
+            torch.testing.assert_close(state[k].float(), state_whole[k].float(), rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{suffix} {k}: {m}")
+        for n in finals[0]:
+            torch.testing.assert_close(finals[0][n], finals_whole[0][n], rtol=1e-4, atol=1e-9)
+        assert float(state["lotion.fc1_weight.g"].float().sum()) > 0
 
 
 def test_fsdp_kfac_diag_trains_as_under_ddp(distributed_results: dict) -> None:
