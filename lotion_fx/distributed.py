@@ -190,6 +190,13 @@ def wrap(prepared: nn.Module, mode: str = "ddp") -> nn.Module:
             "curvature='adam' reads the optimizer state of the whole parameter, which FSDP2 shards; "
             "use LotionConfig(curvature='ema') or wrap(..., mode='ddp')"
         )
+    in_out = [r.param_name for r in info.result.rewritten if r.transposed]
+    if info.config.method == "lotion" and info.config.curvature == "ema" and mode == "fsdp" and in_out:
+        raise ValueError(
+            f"curvature='ema' under FSDP2 holds g as row shards of each weight, but {in_out} are stored "
+            "(in, out) (like GPT-2's Conv1D): their row shards are columns of g. Use the default "
+            "curvature='gn_sampled' (their g stays whole) or wrap(..., mode='ddp')"
+        )
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return prepared
     cfg = info.config

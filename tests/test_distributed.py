@@ -115,17 +115,20 @@ def _fsdp_sampled(rank: int, device: torch.device, x: torch.Tensor, y: torch.Ten
     for accum in (1, 2):
         out.update(_fsdp_run(device, "gn_sampled", x, y, wrap=False, accum=accum))
     out.update(_fsdp_run(device, "gn_sampled", x, y, accum=2))
+    for wrap in (True, False):  # nvfp4: the penalty needs the whole weight's absmax (all-reduced)
+        out.update(_fsdp_run(device, "gn_sampled", x, y, wrap=wrap, fmt="nvfp4"))
     return out
 
 
 def _fsdp_run(device: torch.device, curvature: str, x: torch.Tensor, y: torch.Tensor, wrap: bool = True,
-              accum: int = 1) -> dict:
+              accum: int = 1, fmt: str = "int4") -> dict:
     """wrap=False: a user's plain fully_shard(prepare(model)), where g stays whole on every rank.
     accum: micro-batches per step (curvature_step before the first, gradient sync on the last only)."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    cfg = lotion_fx.LotionConfig(curvature=curvature, grad_accum_steps=accum, **GN_CFG)
+    kw = {**GN_CFG, "block_size": None} if fmt == "nvfp4" else GN_CFG
+    cfg = lotion_fx.LotionConfig(curvature=curvature, grad_accum_steps=accum, format=fmt, **kw)
     prepared = lotion_fx.prepare(Net(), cfg).to(device)
     model = D.wrap(prepared, "fsdp") if wrap else fully_shard(prepared)
     if curvature == "gn_sampled":  # wrap holds g as the row shard of its weight (fc2: 5 rows = 3 + 2)
@@ -153,8 +156,8 @@ def _fsdp_run(device: torch.device, curvature: str, x: torch.Tensor, y: torch.Te
     firsts, finals = [None, None], [None, None]
     dist.all_gather_object(firsts, first)
     dist.all_gather_object(finals, g_final)
-    return {f"fsdp-{curvature}" + ("" if wrap else "-unwrapped") + ("" if accum == 1 else f"-accum{accum}"):
-            (firsts, finals, state)}
+    name = f"fsdp-{curvature}" + ("" if wrap else "-unwrapped") + ("" if accum == 1 else f"-accum{accum}")
+    return {name + ("" if fmt == "int4" else f"-{fmt}"): (firsts, finals, state)}
 
 
 def _plain_ddp(rank: int, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -293,7 +296,7 @@ def test_fsdp_default_curvature_sharded_trains_as_replicated(distributed_results
     penalty after the reduce-scatter; a plain fully_shard keeps g whole and the penalty in the graph.
     Same targets, same noise for the stochastic rounding of g (keyed by each element's index in the
     whole g): the two runs give the same weights and the same g."""
-    for suffix in ("", "-accum2"):  # accum2: the sampled pass's forward is not counted as a micro-step
+    for suffix in ("", "-accum2", "-nvfp4"):  # accum2: the sampled pass's forward is not a micro-step
         _, finals, state = distributed_results["fsdp-gn_sampled" + suffix]
         _, finals_whole, state_whole = distributed_results["fsdp-gn_sampled-unwrapped" + suffix]
         assert set(state) == set(state_whole)
@@ -359,3 +362,9 @@ def test_single_process_passthrough_and_errors() -> None:
     with pytest.raises(NotImplementedError, match="FSDP2 shards"):
         D.wrap(adam, "fsdp")
     assert D.wrap(default, "ddp") is default
+    from test_core_prepare import Forms  # holds an (in, out) weight, square: shapes alone would not tell
+
+    with pytest.raises(ValueError, match=r"\['w_in_out'\] are stored \(in, out\)"):
+        D.wrap(lotion_fx.prepare(Forms(), lotion_fx.LotionConfig(curvature="ema", block_size=16)), "fsdp")
+    forms = lotion_fx.prepare(Forms(), lotion_fx.LotionConfig(block_size=16))
+    assert D.wrap(forms, "fsdp") is forms  # gn_sampled: that weight keeps a whole g
