@@ -350,19 +350,25 @@ def test_trainer_torch_compile_matches_eager(tmp_path) -> None:
     assert report.capture == "dynamo" and len(report.layers) == LINEARS_PER_LAYER + 1 and report.diff is None
 
 
-@pytest.mark.parametrize("curvature", ["gn_sampled", "ema"])
+@pytest.mark.parametrize("curvature", ["gn_sampled", "ema", "kfac_diag"])
 def test_trainer_bf16_gradient_checkpointing(curvature: str, tmp_path) -> None:
     pytest.importorskip("accelerate")
-    config = _default_cfg() if curvature == "gn_sampled" else cfg(curvature="ema")
+    config = cfg(curvature="ema") if curvature == "ema" else _default_cfg(curvature=curvature)
     model = lotion_fx.prepare(tiny(), config, capture="dynamo")
     trainer = _trainer(model, _args(tmp_path, max_steps=2, save_strategy="no", bf16=True, gradient_checkpointing=True),
-                       lotion=curvature == "gn_sampled")
+                       lotion=curvature != "ema")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # LotionTrainer warns when a weight got no curvature
         warnings.filterwarnings("ignore", message=".*(use_cache|autocast|cpu_amp).*")
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    if curvature == "kfac_diag":  # one refresh: both factors of every Linear saw its x and delta, in fp32
+        for name, sm in lotion_fx.smoothers(model).items():
+            assert int(sm.count) == 1, name
+            for t in (sm.kfac_in, sm.kfac_out):
+                assert t.dtype == torch.float32 and bool((t > 0).any()) and bool(torch.isfinite(t).all()), name
+        return
     count, dtype = (1, torch.bfloat16) if curvature == "gn_sampled" else (2, torch.float32)
     for sm in lotion_fx.smoothers(model).values():
         assert int(sm.count) == count and float(sm.g.abs().max()) > 0
