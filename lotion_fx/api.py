@@ -229,8 +229,12 @@ def attach_optimizer(prepared: nn.Module, optimizer: torch.optim.Optimizer) -> N
 
 
 def penalty(prepared: nn.Module, per_layer: bool = False) -> Tensor | dict[str, Tensor]:
-    """Current value of (lam/2) * sum g * sigma^2 over all smoothed weights, for logging."""
-    values = {name: sm.penalty(smoothed_weight(prepared, name)) for name, sm in smoothers(prepared).items()}
+    """Current value of (lam/2) * sum g * sigma^2 over all smoothed weights, for logging. Under FSDP2
+    the sharded weights (and g) are gathered, so every rank must call it."""
+    def whole(t: Tensor) -> Tensor:
+        return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+    values = {name: sm.penalty(whole(smoothed_weight(prepared, name))) for name, sm in smoothers(prepared).items()}
     if per_layer:
         return values
     return torch.stack([v.cpu() for v in values.values()]).sum()

@@ -153,6 +153,7 @@ def _fsdp_run(device: torch.device, curvature: str, x: torch.Tensor, y: torch.Te
     state = D.full_state_dict(model)
     g_final = {n: sm.g_hat(prepared.get_parameter(n)).detach().cpu().clone()
                for n, sm in lotion_fx.smoothers(prepared).items()}
+    g_final["penalty"] = lotion_fx.penalty(prepared)  # collective under FSDP2: weights and g gathered
     firsts, finals = [None, None], [None, None]
     dist.all_gather_object(firsts, first)
     dist.all_gather_object(finals, g_final)
@@ -303,8 +304,9 @@ def test_fsdp_default_curvature_sharded_trains_as_replicated(distributed_results
         for k in state:
             torch.testing.assert_close(state[k].float(), state_whole[k].float(), rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"{suffix} {k}: {m}")
-        for n in finals[0]:
+        for n in finals[0]:  # g_hat of every weight, and lotion_fx.penalty(), gathered on every rank
             torch.testing.assert_close(finals[0][n], finals_whole[0][n], rtol=1e-4, atol=1e-9)
+        assert float(finals[0]["penalty"]) > 0 and torch.equal(finals[0]["penalty"], finals[1]["penalty"])
         assert float(state["lotion.fc1_weight.g"].float().sum()) > 0
 
 
