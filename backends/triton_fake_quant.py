@@ -1,4 +1,5 @@
-"""Round-to-nearest fake quantization (quantize, then dequantize on the block grid) as one Triton kernel.
+"""Fake quantization (quantize, then dequantize on the block grid) as one Triton kernel: round to nearest (qat's
+forward, `rtn_quantize_triton`) or unbiased stochastic rounding (lotion_sampled's, `sr_quantize_triton`).
 
 Inductor lowers `reference.fake_quantize(w, fmt, block, "nearest")` to a persistent reduction with tiny blocks
 that reaches only 17-27% of copy bandwidth on bf16 weights (H100). `_rtn_kernel` reads a (BLOCK_R, BLOCK_K)
@@ -9,6 +10,11 @@ a device pointer (no host sync, CUDA-graph safe). `rtn_quantize_triton` is a `to
 torch.compile traces it; `supports` says which inputs it takes (the caller falls back to the reference).
 H100, under CUDA graphs: int4 / int8 at 93-97% of copy bandwidth for 4096^2 and 8192^2 bf16 / fp32 weights
 (fp16 4096^2: 81-84%), nvfp4 53-62% (w is read twice); Inductor's code for the reference: 26-43%.
+
+Stochastic rounding draws reference.uniform_noise's counter-based bits (lowbias32 of the flat index xor a key
+hashed from (seed, step), in uint32) and rounds up with probability (m - a) / step, the reference's own test;
+its output equals eager `fake_quantize(w, fmt, block, "stochastic", seed=seed, step=step)` bit for bit under
+the interpreter (not yet run on a GPU).
 
 Bit-exactness contract: the output equals eager `reference.fake_quantize(w, fmt, block, rounding="nearest")` on
 w's device bit for bit (signs of zeros included) for every finite input `supports` accepts (NaN where it has
@@ -95,10 +101,22 @@ def _nvfp4_block_scale(amax, tamax, RECIP: tl.constexpr):
 
 
 @triton.jit
-def _rtn_kernel(w_ptr, o_ptr, tamax_ptr, R, K, stride_w,
+def _hash32(x):
+    """reference.hash32 (lowbias32) on uint32: the counter-based noise of stochastic rounding."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _rtn_kernel(w_ptr, o_ptr, tamax_ptr, step_ptr, seed, R, K, stride_w,
                 QMAX: tl.constexpr, NVFP4: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_K: tl.constexpr, EVEN: tl.constexpr, RECIP: tl.constexpr):
-    """o = fake_quantize(w) for a (R, K) weight, row stride stride_w (o: contiguous), blocks of BLOCK columns.
+                BLOCK_K: tl.constexpr, EVEN: tl.constexpr, RECIP: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """o = fake_quantize(w) for a (R, K) weight, row stride stride_w (o: contiguous), blocks of BLOCK columns:
+    round to nearest, or with STOCHASTIC unbiased randomized rounding with reference.uniform_noise keyed by
+    (seed, the int64 at step_ptr) and each element's flat index r * K + c.
     Program (i, j) owns rows i * BLOCK_R + [0, BLOCK_R) and columns j * BLOCK_K + [0, BLOCK_K)."""
     G: tl.constexpr = BLOCK_K // BLOCK
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -122,12 +140,20 @@ def _rtn_kernel(w_ptr, o_ptr, tamax_ptr, R, K, stride_w,
         x = tl.where(pos, tl.div_rn(wf, tl.where(pos, amax, 1.0)) * QMAX, wf)
     ax = tl.abs(x)
     m = tl.where(ax > QMAX, QMAX, ax)  # torch.clamp(|x|, max=qmax), NaN kept
-    if NVFP4:  # E2M1 bins [0, 2), [2, 4), [4, 6] have steps 1/2, 1, 2: round m / step, ties to even
+    if NVFP4:  # E2M1 bins [0, 2), [2, 4), [4, 6] have steps 1/2, 1, 2 (powers of two: exact scalings)
         step = tl.where(m >= 4.0, 2.0, tl.where(m >= 2.0, 1.0, 0.5))
         inv_step = tl.where(m >= 4.0, 0.5, tl.where(m >= 2.0, 1.0, 2.0))
-        r = _rint(m * inv_step) * step
     else:
-        r = _rint(m)
+        step = 1.0
+        inv_step = 1.0
+    if STOCHASTIC:  # reference.round_stochastic_scaled: up to b = a + step with probability (m - a) / step
+        key = _hash32(_hash32(tl.load(step_ptr).to(tl.uint32)) ^ seed.to(tl.uint32))
+        idx = tl.reshape(r64 * K + cols[None, :], (BLOCK_R, G, BLOCK)).to(tl.uint32)
+        u = (_hash32(idx ^ key) >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+        a = tl.floor(m * inv_step) * step
+        r = tl.where(u < (m - a) * inv_step, a + step, a)
+    else:  # round m / step to the nearest integer, ties to even
+        r = _rint(m * inv_step) * step
     # torch.sign(x) * r: -0 for negative x rounded to 0, +0 for x = -0 (Triton's unary minus is 0 - r: +0)
     q = tl.where(x < 0, r * -1.0, r)
     out = tl.reshape(round_to(q * s, o_ptr.dtype.element_ty), (BLOCK_R, BLOCK_K))
@@ -183,9 +209,22 @@ def _check(w: Tensor, fmt: str, block: int) -> None:
 def rtn_quantize(w: Tensor, fmt: str, block: int) -> Tensor:
     """reference.fake_quantize(w, fmt, block, "nearest") in one Triton pass: a new tensor of w's shape and dtype.
 
-    A plain function launching through `wrap_triton`, so a trace sees the kernel itself: the Inductor
-    lowering calls it from its decomposition of `rtn_quantize` and the kernel lands in the generated code.
+    A plain function launching through `wrap_triton`, so a trace sees the kernel itself (the op below traces
+    into it, and the kernel lands in Inductor's generated code).
     """
+    return _fake_quantize(w, fmt, block)
+
+
+def sr_quantize(w: Tensor, step: Tensor, fmt: str, block: int, seed: int) -> Tensor:
+    """reference.fake_quantize(w, fmt, block, "stochastic", seed=seed, step=step) in one Triton pass (the
+    forward of `lotion_sampled`); `step`: a one-element int64 tensor on w's device, read by the kernel."""
+    if not (isinstance(step, Tensor) and step.numel() == 1 and step.dtype == torch.int64 and step.device == w.device):
+        raise ValueError(f"sr_quantize_triton's step must be a one-element int64 tensor on {w.device}, got "
+                         f"{step.dtype if isinstance(step, Tensor) else type(step).__name__}")
+    return _fake_quantize(w, fmt, block, step, seed)
+
+
+def _fake_quantize(w: Tensor, fmt: str, block: int, step: Tensor | None = None, seed: int = 0) -> Tensor:
     _check(w, fmt, block)
     k = w.shape[-1]
     w2 = w.reshape(-1, k)  # a view unless the leading dims do not merge (then a contiguous copy)
@@ -197,9 +236,11 @@ def rtn_quantize(w: Tensor, fmt: str, block: int) -> Tensor:
     br, bk, warps = _config(rows, k, block, nvfp4)
     even = rows % br == 0 and k % bk == 0
     grid = (triton.cdiv(rows, br), triton.cdiv(k, bk))
+    stochastic = step is not None
     torch.library.wrap_triton(_rtn_kernel)[grid](
-        w2, out, tamax, rows, k, w2.stride(0), QMAX=QMAX[fmt], NVFP4=nvfp4, BLOCK=block, BLOCK_R=br,
-        BLOCK_K=bk, EVEN=even, RECIP=w.device.type == "cuda", num_warps=warps)
+        w2, out, tamax, step if stochastic else w2, seed & 0xFFFFFFFF, rows, k, w2.stride(0), QMAX=QMAX[fmt],
+        NVFP4=nvfp4, BLOCK=block, BLOCK_R=br, BLOCK_K=bk, EVEN=even, RECIP=w.device.type == "cuda",
+        STOCHASTIC=stochastic, num_warps=warps)
     return out
 
 
@@ -217,10 +258,24 @@ def _(w: Tensor, fmt: str, block: int) -> Tensor:
     return torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 
+@torch.library.triton_op("lotion_fx::sr_quantize_triton", mutates_args=())
+def sr_quantize_triton(w: Tensor, step: Tensor, fmt: str, block: int, seed: int) -> Tensor:
+    """`sr_quantize` as an op (the kernel-backed twin of lotion_fx::sr_quantize)."""
+    return sr_quantize(w, step, fmt, block, seed)
+
+
+@sr_quantize_triton.register_fake
+def _(w: Tensor, step: Tensor, fmt: str, block: int, seed: int) -> Tensor:
+    _check(w, fmt, block)
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+
 def _register_autograd() -> None:
-    from lotion_fx.ops import _rtn_bwd, _rtn_setup  # qat's straight-through gradient, shared with rtn_quantize
+    # the straight-through gradients of the reference ops: qat's (zero where RTN clamped), lotion_sampled's
+    from lotion_fx.ops import _rtn_bwd, _rtn_setup, _sr_bwd, _ste_setup
 
     rtn_quantize_triton.register_autograd(_rtn_bwd, setup_context=_rtn_setup)
+    sr_quantize_triton.register_autograd(_sr_bwd, setup_context=_ste_setup)
 
 
 _register_autograd()
@@ -230,13 +285,16 @@ _register_autograd()
 # weights, where it reaches ~100% and fuses the cast to the matmul dtype, and for nvfp4, where this kernel
 # was slower at 4096^2 (92 vs 68 us) and faster at 8192^2 (151 vs 223 us)), "triton" (this kernel wherever
 # `supports` says so) or "reference" (never). Read when the smoother's forward runs or is traced.
+# lotion_sampled's stochastic rounding runs the kernel only under "triton": it is bit-exact under the
+# interpreter but has not been timed on a GPU yet, so "auto" keeps Inductor's code for it.
 _CHOICE = {"kernel": "auto"}
 CHOICES = ("auto", "triton", "reference")
 
 
 @contextlib.contextmanager
 def kernel_choice(which: str) -> Iterator[None]:
-    """Context: qat's forward picks its kernel by `which` (one of CHOICES) inside it (benchmarks, tests)."""
+    """Context: the fake-quant forwards (qat, lotion_sampled) pick their kernel by `which` (one of CHOICES)
+    inside it (benchmarks, tests)."""
     if which not in CHOICES:
         raise ValueError(f"kernel_choice must be one of {CHOICES}, got {which!r}")
     old, _CHOICE["kernel"] = _CHOICE["kernel"], which
@@ -246,9 +304,12 @@ def kernel_choice(which: str) -> Iterator[None]:
         _CHOICE["kernel"] = old
 
 
-def use_for(w: Tensor, fmt: str, block: int) -> bool:
-    """Whether qat's forward of w runs `rtn_quantize_triton` (CUDA only; see _CHOICE)."""
+def use_for(w: Tensor, fmt: str, block: int, stochastic: bool = False) -> bool:
+    """Whether the forward of w runs this kernel (CUDA only; see _CHOICE): qat's `rtn_quantize_triton`, or
+    with `stochastic` lotion_sampled's `sr_quantize_triton`."""
     which = _CHOICE["kernel"]
     if which == "reference" or w.device.type != "cuda" or not supports(w, fmt, block):
         return False
-    return which == "triton" or (w.dtype in (torch.bfloat16, torch.float16) and fmt in ("int4", "int8"))
+    if which == "triton":
+        return True
+    return not stochastic and w.dtype in (torch.bfloat16, torch.float16) and fmt in ("int4", "int8")

@@ -272,6 +272,11 @@ class LotionSmoother(nn.Module):
             return torch.ops.lotion_fx.rtn_quantize(w, self.fmt, self.block)
         if c.method == "lotion_sampled":
             self.step.add_(1)
+            if w.is_cuda:  # the Triton kernel under triton_fake_quant.kernel_choice("triton") only (not yet timed)
+                from lotion_fx.backends import triton_fake_quant
+
+                if triton_fake_quant.use_for(w, self.fmt, self.block, stochastic=True):
+                    return torch.ops.lotion_fx.sr_quantize_triton(w, self.step, self.fmt, self.block, self.seed)
             return torch.ops.lotion_fx.sr_quantize(w, self.step, self.fmt, self.block, self.seed)
         # lotion: identity forward; the penalty gradient (and the `ema` update) run in backward.
         if self.after_reduction or not (torch.is_grad_enabled() and w.requires_grad):

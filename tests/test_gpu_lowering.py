@@ -97,3 +97,31 @@ def test_gpu_qat_bf16_weights_use_the_triton_fake_quant_kernel(fmt: str) -> None
         torch.testing.assert_close(b.grad, a.grad, rtol=5e-2, atol=1e-3, msg=n)
     _, codes32 = run_and_get_code(torch.compile(qat_net()), x.float())
     assert "_rtn_kernel" not in "\n".join(codes32)
+
+
+def test_gpu_lotion_sampled_takes_the_triton_kernel_when_asked() -> None:
+    """lotion_sampled under kernel_choice("triton"): the smoother runs sr_quantize_triton (traced into the compiled
+    graph) and the step's stochastic rounding is the reference op's, so compiled outputs equal the eager
+    reference path's (kernel_choice("reference")) run for run, and the straight-through gradient flows."""
+    import lotion_fx
+    from lotion_fx.backends import triton_fake_quant as Q
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 128))
+        return lotion_fx.prepare(m, lotion_fx.LotionConfig(method="lotion_sampled", format="int4")).cuda()
+
+    ref, comp = net().to(torch.bfloat16), net().to(torch.bfloat16)
+    x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
+    with Q.kernel_choice("triton"):
+        fn = torch.compile(comp)
+        out, codes = run_and_get_code(fn, x)
+        assert "_rtn_kernel" in "\n".join(codes)
+        outs = [out] + [fn(x) for _ in range(2)]
+    with Q.kernel_choice("reference"):
+        want = [ref(x) for _ in range(3)]  # steps 1, 2, 3: the same noise keys
+    for got, exp in zip(outs, want):
+        torch.testing.assert_close(got, exp, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(outs[0], outs[1])  # a new rounding every step
+    outs[-1].float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in comp.parameters())

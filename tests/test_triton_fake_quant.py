@@ -156,10 +156,59 @@ def test_non_finite_inputs_follow_the_reference(fmt: str, block: int, dtype: tor
     w[2, block + 1] = float("nan")
     if with_inf:
         w[0, 3], w[4, 2 * block] = float("inf"), -float("inf")
-    got = torch.ops.lotion_fx.rtn_quantize_triton(w, fmt, block)
-    want = lotion_fx.fake_quantize(w, fmt, block)
-    assert torch.equal(got.isnan(), want.isnan())
-    assert torch.equal(_bits(got)[~got.isnan()], _bits(want)[~want.isnan()])
+    step = torch.tensor(3, device=w.device)
+    for got, want in [(torch.ops.lotion_fx.rtn_quantize_triton(w, fmt, block), lotion_fx.fake_quantize(w, fmt, block)),
+                      (torch.ops.lotion_fx.sr_quantize_triton(w, step, fmt, block, 9),
+                       lotion_fx.fake_quantize(w, fmt, block, rounding="stochastic", seed=9, step=step))]:
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(_bits(got)[~got.isnan()], _bits(want)[~want.isnan()])
+
+
+# (step, seed): small ones, and a step beyond 32 bits with a seed beyond 31 (both hashed as uint32)
+SR_KEYS = [(0, 1), (7, 0xDEADBEEF), (2**33 + 5, 2**31 + 3)]
+
+
+def _assert_sr_bit_exact(w: torch.Tensor, fmt: str, block: int, step: int, seed: int) -> torch.Tensor:
+    st = torch.tensor(step, dtype=torch.int64, device=w.device)
+    got = torch.ops.lotion_fx.sr_quantize_triton(w, st, fmt, block, seed)
+    want = lotion_fx.fake_quantize(w, fmt, block, rounding="stochastic", seed=seed, step=st)
+    assert got.shape == want.shape and got.dtype == want.dtype == w.dtype
+    bad = _bits(got) != _bits(want)
+    assert not bad.any(), f"step {step}: {int(bad.sum())} of {w.numel()} differ, e.g. got={got[bad][:4]} " \
+        f"want={want[bad][:4]}"
+    return got
+
+
+@interpret
+@pytest.mark.parametrize("fmt,block", BLOCKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stochastic_rounding_is_bit_exact(fmt: str, block: int, dtype: torch.dtype) -> None:
+    """lotion_sampled's forward (sr_quantize_triton): the reference's counter-based noise and rounding decisions
+    bit for bit, on wide-range 2-D weights, a non-contiguous 3-D view and exact grid midpoints."""
+    weights = [_wide_weight((5, 3 * block), block, dtype, seed=block),
+               _wide_weight((7, 3, 5 * block), block, dtype, seed=block + 1).transpose(0, 1),
+               _tie_weight(fmt, block, dtype)]
+    for step, seed in SR_KEYS:
+        for w in weights:
+            _assert_sr_bit_exact(w, fmt, block, step, seed)
+
+
+@interpret
+@pytest.mark.parametrize("fmt,block", [("int4", 32), ("nvfp4", 16)])
+def test_stochastic_rounding_is_unbiased_at_midpoints(fmt: str, block: int) -> None:
+    """At exact grid midpoints each element rounds up with probability 1/2: over 48 steps the kernel's output
+    averages to w (within 5 standard errors of half a grid step, for each of the ~500 elements), unlike RTN,
+    and differs between steps."""
+    w = _tie_weight(fmt, block, F32)
+    outs = torch.stack([torch.ops.lotion_fx.sr_quantize_triton(w, torch.tensor(t, device=w.device), fmt, block, 5)
+                        for t in range(48)])
+    assert not torch.equal(outs[0], outs[1])
+    x, s = R._blocked_scaled(w, lotion_fx.formats.get_format(fmt), block)
+    mid = x.abs() < lotion_fx.formats.get_format(fmt).qmax  # all but each block's absmax
+    half_step = (outs - w).abs().amax(0).reshape(x.shape)[mid]  # |SR(w) - w| is half a grid step here
+    err = (outs.mean(0) - w).abs().reshape(x.shape)[mid]
+    assert bool((err <= 5 * half_step / 48**0.5).all())
+    assert float((err / half_step).mean()) < 0.25  # RTN's error would be exactly 1 (half a step) everywhere
 
 
 def test_supports_and_refusals() -> None:
@@ -206,6 +255,10 @@ def test_traced_without_graph_breaks_on_cpu() -> None:
     assert calls == [torch.ops.lotion_fx.rtn_quantize_triton.default]
     torch.library.opcheck(torch.ops.lotion_fx.rtn_quantize_triton.default, (w, "nvfp4", 16),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.lotion_fx.sr_quantize_triton.default, (w, torch.tensor(2), "int4", 32, 7),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    with pytest.raises(ValueError, match="one-element int64 tensor"):
+        torch.ops.lotion_fx.sr_quantize_triton(w, torch.tensor(2.0), "int4", 32, 7)
 
 
 @interpret
@@ -256,9 +309,40 @@ def test_gpu_compile_inductor_cuda_graphs(fmt: str, block: int) -> None:
         assert torch.equal(_bits(got), _bits(want))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt,block", [("int4", 32), ("int8", 128), ("nvfp4", 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_stochastic_bit_exact_and_compiled(fmt: str, block: int, dtype: torch.dtype) -> None:
+    """sr_quantize_triton compiled for the GPU (uint32 hashing, floor, div.rn): the reference's bits at 4096^2
+    and an odd shape, and the same under torch.compile with CUDA graphs as the step advances."""
+    from torch._inductor.utils import run_and_get_code
+
+    for shape in [(4096, 4096), (4095, 3 * 1024 + 5 * block)]:
+        w = _wide_weight(shape, block, dtype, seed=shape[0])
+        for step, seed in SR_KEYS:
+            _assert_sr_bit_exact(w, fmt, block, step, seed)
+    w = _wide_weight((4096, 1024), block, dtype, seed=2)
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        step.add_(1)
+        return torch.ops.lotion_fx.sr_quantize_triton(v, step, fmt, block, 11) * 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, options={"triton.cudagraphs": True})
+    _, (code, *_) = run_and_get_code(compiled, w)
+    assert "_rtn_kernel" in code
+    for t in range(2, 5):
+        got = compiled(w).clone()
+        want = lotion_fx.fake_quantize(w, fmt, block, rounding="stochastic", seed=11, step=t)
+        assert int(step) == t and torch.equal(_bits(got), _bits(want))
+
+
 def test_qat_picks_the_kernel_for_16_bit_cuda_weights_only() -> None:
     """use_for: "auto" takes the kernel for bf16/fp16 int4/int8 CUDA weights it supports, never for CPU,
-    unsupported blocks or nvfp4; "triton" adds fp32 and nvfp4, "reference" turns it off (fake CUDA tensors)."""
+    unsupported blocks or nvfp4, nor for lotion_sampled's stochastic rounding; "triton" adds fp32, nvfp4 and
+    stochastic rounding, "reference" turns it off (fake CUDA tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -269,8 +353,10 @@ def test_qat_picks_the_kernel_for_16_bit_cuda_weights_only() -> None:
         assert not Q.use_for(cpu, "int4", 32) and not Q.use_for(bf16, "int4", 128 + 64)
         assert Q.use_for(bf16, "int8", 128) and not Q.use_for(bf16, "nvfp4", 16)
         assert not Q.use_for(bf16, "mxfp4", 32) and not Q.use_for(bf16, "nvfp4", 32)
+        assert not Q.use_for(bf16, "int4", 32, stochastic=True)  # lotion_sampled: opt-in only
         with Q.kernel_choice("triton"):
             assert Q.use_for(f32, "nvfp4", 16) and Q.use_for(bf16, "nvfp4", 16)
+            assert Q.use_for(bf16, "int4", 32, stochastic=True)
         with Q.kernel_choice("reference"):
             assert not Q.use_for(bf16, "int4", 32)
     with pytest.raises(ValueError, match="kernel_choice must be one of"):
