@@ -2,7 +2,7 @@
 
 Columns: the qat forward (RTN fake-quantization) as Inductor generates it and as the hand-written
 Triton kernel (`backends/triton_fake_quant.py`) runs it, the lotion_sampled forward (stochastic
-rounding) and the lotion backward, each against a copy of the same bytes. Bytes counted are the
+rounding) the same two ways, and the lotion backward, each against a copy of the same bytes. Bytes counted are the
 fewest the op must move: a forward reads w and writes the dequantized weight; the lotion backward
 reads grad, w, g and writes grad_out and g (count is 8 bytes).
 Run on a GPU: python benchmarks/bench_smooth_op.py [--sizes 4096,8192]
@@ -38,9 +38,12 @@ def make_fwd(fmt: str, block: int, kernel: str):
     return torch.compile(fwd, dynamic=False)
 
 
-def make_sampled(fmt: str, block: int):
+def make_sampled(fmt: str, block: int, kernel: str):
+    """The lotion_sampled forward compiled: Inductor's code for the reference or the Triton kernel."""
+    op = torch.ops.lotion_fx.sr_quantize_triton if kernel == "triton" else torch.ops.lotion_fx.sr_quantize
+
     def fwd(w, step):
-        return torch.ops.lotion_fx.sr_quantize(w, step, fmt, block, 0)
+        return op(w, step, fmt, block, 0)
     return torch.compile(fwd, dynamic=False)
 
 
@@ -69,13 +72,16 @@ def main() -> None:
             torch._dynamo.reset()  # fresh compiles per shape: stay under the recompile limit
             fwds = {f: make_fwd(f, b, "inductor") for f, b in zip(FORMATS, BLOCKS)}
             tfwds = {f: make_fwd(f, b, "triton") for f, b in zip(FORMATS, BLOCKS)}
-            sfwds = {f: make_sampled(f, b) for f, b in zip(FORMATS, BLOCKS)}
+            sfwds = {f: make_sampled(f, b, "inductor") for f, b in zip(FORMATS, BLOCKS)}
+            tsfwds = {f: make_sampled(f, b, "triton") for f, b in zip(FORMATS, BLOCKS)}
             bwds = {f: make_bwd(f, b) for f, b in zip(FORMATS, BLOCKS)}
             step = torch.tensor(3, device=dev)
             for fmt, blk in zip(FORMATS, BLOCKS):
                 f_ms = do_bench(lambda: fwds[fmt](w))
                 t_ms = do_bench(lambda: tfwds[fmt](w)) if triton_fake_quant.supports(w, fmt, blk) else float("nan")
                 s_ms = do_bench(lambda: sfwds[fmt](w, step))
+                ok = triton_fake_quant.supports(w, fmt, blk)
+                ts_ms = do_bench(lambda: tsfwds[fmt](w, step)) if ok else float("nan")
                 grad = torch.randn_like(w)
                 g = torch.rand(n, n, device=dev, dtype=torch.float32)
                 c = torch.tensor(10, device=dev)
@@ -84,15 +90,18 @@ def main() -> None:
                 f_bw = gbps(2 * n * n * esz, f_ms)
                 t_bw = gbps(2 * n * n * esz, t_ms)
                 s_bw = gbps(2 * n * n * esz, s_ms)
+                ts_bw = gbps(2 * n * n * esz, ts_ms)
                 b_bw = gbps(n * n * (3 * esz + 2 * 4), b_ms)
                 rows.append([f"{n}x{n}", str(dt).replace("torch.", ""), fmt, f"{copy_bw:.0f}",
                              f"{f_ms * 1e3:.0f}", f"{f_bw:.0f}", f"{100 * f_bw / copy_bw:.0f}%",
                              f"{t_ms * 1e3:.0f}", f"{100 * t_bw / copy_bw:.0f}%",
                              f"{s_ms * 1e3:.0f}", f"{100 * s_bw / copy_bw:.0f}%",
+                             f"{ts_ms * 1e3:.0f}", f"{100 * ts_bw / copy_bw:.0f}%",
                              f"{b_ms * 1e3:.0f}", f"{b_bw:.0f}", f"{100 * b_bw / copy_bw:.0f}%"])
     print(f"device: {name} | torch {torch.__version__}")
     print(tabulate(rows, headers=["weight", "dtype", "format", "copy GB/s", "qat fwd us (Inductor)", "fwd GB/s",
-                                  "fwd/copy", "qat fwd us (Triton)", "/copy", "sampled fwd us", "/copy",
+                                  "fwd/copy", "qat fwd us (Triton)", "/copy", "sampled fwd us (Inductor)", "/copy",
+                                  "sampled fwd us (Triton)", "/copy",
                                   "lotion bwd us", "bwd GB/s", "bwd/copy"]))
 
 
