@@ -147,7 +147,10 @@ def _rtn_kernel(w_ptr, o_ptr, tamax_ptr, step_ptr, seed, R, K, stride_w,
         step = 1.0
         inv_step = 1.0
     if STOCHASTIC:  # reference.round_stochastic_scaled: up to b = a + step with probability (m - a) / step
-        key = _hash32(_hash32(tl.load(step_ptr).to(tl.uint32)) ^ seed.to(tl.uint32))
+        # seed: an int argument, which Triton turns into a constexpr when it equals 1; adding an int64 zero
+        # makes it a tensor either way before the truncation to uint32
+        seed32 = (seed + tl.zeros([], tl.int64)).to(tl.uint32)
+        key = _hash32(_hash32(tl.load(step_ptr).to(tl.uint32)) ^ seed32)
         idx = tl.reshape(r64 * K + cols[None, :], (BLOCK_R, G, BLOCK)).to(tl.uint32)
         u = (_hash32(idx ^ key) >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
         a = tl.floor(m * inv_step) * step
