@@ -264,19 +264,13 @@ class LotionSmoother(nn.Module):
         if self.passthrough or not self.training or c.method in ("none", "ptq"):
             return w
         if c.method == "qat":
-            if w.is_cuda:  # 16-bit CUDA weights: the hand-written Triton kernel (backends/triton_fake_quant.py)
-                from lotion_fx.backends import triton_fake_quant
-
-                if triton_fake_quant.use_for(w, self.fmt, self.block):
-                    return torch.ops.lotion_fx.rtn_quantize_triton(w, self.fmt, self.block)
+            if self._triton_kernel_for(w, stochastic=False):
+                return torch.ops.lotion_fx.rtn_quantize_triton(w, self.fmt, self.block)
             return torch.ops.lotion_fx.rtn_quantize(w, self.fmt, self.block)
         if c.method == "lotion_sampled":
             self.step.add_(1)
-            if w.is_cuda:  # the Triton kernel under triton_fake_quant.kernel_choice("triton") only (not yet timed)
-                from lotion_fx.backends import triton_fake_quant
-
-                if triton_fake_quant.use_for(w, self.fmt, self.block, stochastic=True):
-                    return torch.ops.lotion_fx.sr_quantize_triton(w, self.step, self.fmt, self.block, self.seed)
+            if self._triton_kernel_for(w, stochastic=True):
+                return torch.ops.lotion_fx.sr_quantize_triton(w, self.step, self.fmt, self.block, self.seed)
             return torch.ops.lotion_fx.sr_quantize(w, self.step, self.fmt, self.block, self.seed)
         # lotion: identity forward; the penalty gradient (and the `ema` update) run in backward.
         if self.after_reduction or not (torch.is_grad_enabled() and w.requires_grad):
@@ -301,6 +295,15 @@ class LotionSmoother(nn.Module):
             w, g, count, self.lam_now, self.fmt, self.block, beta, c.curvature_scale,
             c.grad_accum_steps, update, c.scale_grad,
         )
+
+    def _triton_kernel_for(self, w: Tensor, stochastic: bool) -> bool:
+        """Whether the fake-quant forward of w runs the hand-written Triton kernel (CUDA only; which weights,
+        RTN or stochastic, is `backends/triton_fake_quant.use_for`'s call)."""
+        if not w.is_cuda:
+            return False
+        from lotion_fx.backends import triton_fake_quant
+
+        return triton_fake_quant.use_for(w, self.fmt, self.block, stochastic)
 
     @torch.no_grad()
     def penalty(self, w: Tensor) -> Tensor:
