@@ -4,7 +4,9 @@
 backward, and folding the squared gradients into g. This times each phase (synchronized wall clock,
 median over refreshes) beside a plain step and a LOTION step without a refresh, so the step-cost
 ratio of bench_train_step.py can be split into: penalty in every step + refresh / curvature_every.
-GPU: python benchmarks/profile_refresh.py [--refreshes 5] [--batch 8]
+`--kernels N` also profiles the refreshes alone (torch.profiler) and prints their top N device kernels
+per refresh, so the refresh's time can be read kernel by kernel.
+GPU: python benchmarks/profile_refresh.py [--refreshes 5] [--batch 8] [--kernels 25]
 """
 from __future__ import annotations
 
@@ -52,11 +54,30 @@ class Marks:
         setattr(module, attr, wrapped)
 
 
+def refresh_kernels(fn, idx, refreshes: int, top: int) -> list[list]:
+    """Device kernels of `refreshes` refreshes alone (curvature_step called until it refreshes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.profile_train_step import kernel_times, short
+
+    done = 0
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        while done < refreshes:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                done += lotion_fx.curvature_step(fn, idx)
+        torch.cuda.synchronize()
+    k = sorted(kernel_times(prof, "cuda").items(), key=lambda kv: -kv[1][1])
+    total = sum(t for _, (_, t) in k) / refreshes
+    rows = [[short(n), f"{c / refreshes:g}", f"{t / refreshes:.0f}"] for n, (c, t) in k[:top]]
+    return rows + [["(all kernels)", f"{sum(c for _, (c, _) in k) / refreshes:g}", f"{total:.0f}"]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--refreshes", type=int, default=5)
     ap.add_argument("--format", default="int4")
+    ap.add_argument("--kernels", type=int, default=0, help="also print the top N kernels of one refresh")
     a = ap.parse_args()
     cfg = GPTConfig.preset("gpt2")
     idx = torch.randint(0, cfg.vocab_size, (a.batch, cfg.block_size), device="cuda")
@@ -117,12 +138,17 @@ def main() -> None:
                 total += med(v)
             rows.append([method, "refresh total", f"{total:.2f}"])
             rows.append([method, f"refresh total / curvature_every ({every})", f"{total / every:.2f}"])
+        if method == "lotion" and a.kernels:
+            kernel_rows = refresh_kernels(fn, idx, a.refreshes, a.kernels)
         del model, opt, fn
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | GPT-2 small, batch "
           f"{a.batch}x{cfg.block_size}, bf16 autocast, compiled, {a.format}; synchronized wall ms, median")
     print(tabulate(rows, headers=["case", "phase", "ms"]))
+    if a.kernels:
+        print(f"\nTop {a.kernels} device kernels of one refresh (mean over {a.refreshes} refreshes):")
+        print(tabulate(kernel_rows, headers=["kernel", "calls", "us"]))
 
 
 if __name__ == "__main__":

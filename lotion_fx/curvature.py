@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import reference as R
 from .api import prepared_info, smoothed_weight, smoothers
-from .smoother import advance_all, data_parallel, fold_sampled_all, set_penalty_enabled_all
+from .smoother import advance_all, data_parallel, fold_sampled_all, set_sampling_all
 
 LOSSES = ("cross_entropy", "mse")
 SAMPLED = ("gn_sampled", "kfac_diag")  # the estimators refreshed by curvature_step's sampled pass
@@ -237,7 +237,7 @@ def _refresh_with(model, prepared, smooth, names, params, sharded, seed, step, l
                   inputs, kwargs) -> None:
     curvature = prepared_info(prepared).config.curvature
     factored = curvature == "kfac_diag"
-    set_penalty_enabled_all(list(smooth.values()), False)
+    set_sampling_all(list(smooth.values()), True)
     for sm in smooth.values():
         if factored:
             sm.start_observing()
@@ -252,7 +252,7 @@ def _refresh_with(model, prepared, smooth, names, params, sharded, seed, step, l
             else:
                 grads = torch.autograd.grad(target_loss, params, allow_unused=True)
     finally:
-        set_penalty_enabled_all(list(smooth.values()), True)
+        set_sampling_all(list(smooth.values()), False)
         for sm in smooth.values():
             if factored:
                 sm.stop_observing()

@@ -53,7 +53,7 @@ class LotionSmoother(nn.Module):
         self._host_steps: int | None = None  # see steps_taken()
         self._g_offset = 0  # flat index of this process's first element of g (FSDP2 row shard)
         self.observing = False  # kfac_diag: set by curvature_step around its sampled pass
-        self.sampling = False  # set around curvature_step's sampled pass (set_penalty_enabled_all)
+        self.sampling = False  # set around curvature_step's sampled pass (set_sampling_all)
         dev = weight.device
         # the config travels in the state dict (as JSON bytes: torch.save and safetensors alike), so a
         # checkpoint is never loaded into a model prepared differently
@@ -272,8 +272,10 @@ class LotionSmoother(nn.Module):
             if self._triton_kernel_for(w, stochastic=True):
                 return torch.ops.lotion_fx.sr_quantize_triton(w, self.step, self.fmt, self.block, self.seed)
             return torch.ops.lotion_fx.sr_quantize(w, self.step, self.fmt, self.block, self.seed)
-        # lotion: identity forward; the penalty gradient (and the `ema` update) run in backward.
-        if self.after_reduction or not (torch.is_grad_enabled() and w.requires_grad):
+        # lotion: identity forward; the penalty gradient (and the `ema` update) run in backward. Not in
+        # curvature_step's sampled pass (`sampling`, a host flag: under torch.compile that pass is its own
+        # graph, without the penalty's kernels).
+        if self.after_reduction or self.sampling or not (torch.is_grad_enabled() and w.requires_grad):
             return w
         if c.curvature == "kfac_diag":  # g = kfac_out kfac_in^T is formed in the backward only
             return torch.ops.lotion_fx.lotion_smooth_factored(
@@ -372,13 +374,11 @@ def fold_sampled_all(pairs: list[tuple["LotionSmoother", Tensor]], square: bool,
     torch._foreach_add_(counts, 1)
 
 
-@torch.no_grad()
-def set_penalty_enabled_all(smoothers: list[LotionSmoother], enabled: bool) -> None:
-    """lam_now of each smoother: its scheduled lam (enabled) or 0 (curvature_step's sampled pass, which
-    `sampling` marks on the host for the after-reduction hooks of lotion_fx.distributed)."""
+def set_sampling_all(smoothers: list[LotionSmoother], on: bool) -> None:
+    """Mark curvature_step's sampled pass on the host: the node is the identity (no penalty in that
+    backward, so g never contains the penalty's own gradient), and lotion_fx.distributed's hooks skip it."""
     for sm in smoothers:
-        sm.sampling = not enabled
-    _fill_all([(sm.lam_now, sm._lam_at(sm.steps_taken()) if enabled else 0.0) for sm in smoothers])
+        sm.sampling = on
 
 
 def _fill_all(pairs: list[tuple[Tensor, float]]) -> None:

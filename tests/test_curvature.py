@@ -281,12 +281,13 @@ def prepared_config(prepared: nn.Module) -> lotion_fx.LotionConfig:
     return lotion_fx.prepared_info(prepared).config
 
 
+@pytest.mark.parametrize("curvature", ["gn_sampled", "kfac_diag"])
 @pytest.mark.parametrize("capture", ["fx", "dynamo"])
-def test_kfac_diag_compiled_equals_eager(capture) -> None:
-    """torch.compile (Inductor, CPU): the observers and the factored penalty lower to generated
-    code (no extern call of our ops), no graph break (two graphs: training, and the observing
-    sampled pass), and the state and weights follow the eager run."""
-    from torch._dynamo.testing import CompileCounterWithBackend
+def test_sampled_curvature_compiled_equals_eager(capture, curvature) -> None:
+    """torch.compile (Inductor, CPU): our ops lower to generated code (no extern call), no graph
+    break (two graphs: training, and the sampled pass, which holds no penalty op: its backward
+    must see the task's curvature only), and the state and weights follow the eager run."""
+    from torch._inductor.compile_fx import compile_fx
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
@@ -294,17 +295,23 @@ def test_kfac_diag_compiled_equals_eager(capture) -> None:
     comp = copy.deepcopy(eager)
     x = torch.randn(32, 16)
     y = torch.randn(32, 6)
-    cfg = lotion_fx.LotionConfig(block_size=16, curvature="kfac_diag", curvature_every=2, lam_warmup=0)
-    runs = []
+    cfg = lotion_fx.LotionConfig(block_size=16, curvature=curvature, curvature_every=2, lam_warmup=0)
+    penalty_op = "lotion_smooth_factored" if curvature == "kfac_diag" else "lotion_smooth"
+    runs, graphs = [], []
+
+    def recording_inductor(gm, example_inputs):
+        graphs.append({str(n.target).split("lotion_fx.")[1].split(".")[0]
+                       for n in gm.graph.nodes if "lotion_fx." in str(n.target)})
+        return compile_fx(gm, example_inputs)
+
     for model, compile_ in ((eager, False), (comp, True)):
         prepared = lotion_fx.prepare(model, cfg, capture=capture)
-        counter = CompileCounterWithBackend("inductor")
-        step = torch.compile(prepared, backend=counter) if compile_ else prepared
+        step = torch.compile(prepared, backend=recording_inductor) if compile_ else prepared
         opt = torch.optim.SGD(prepared.parameters(), lr=0.1)
 
         def train() -> None:
             for _ in range(4):
-                lotion_fx.curvature_step(step, x, loss="mse")
+                lotion_fx.curvature_step(step, x[:16] if curvature == "gn_sampled" else x, loss="mse")
                 F.mse_loss(step(x), y).backward()
                 opt.step()
                 opt.zero_grad()
@@ -312,7 +319,8 @@ def test_kfac_diag_compiled_equals_eager(capture) -> None:
         if compile_:
             _, codes = run_and_get_code(train)
             assert "torch.ops.lotion_fx" not in "\n".join(codes), "an op of ours fell back to an extern call"
-            assert counter.frame_count == 2, counter.frame_count
+            assert len(graphs) == 2, graphs
+            assert sum(penalty_op in ops for ops in graphs) == 1, graphs  # the training graph only
         else:
             train()
         runs.append(prepared)
