@@ -13,8 +13,8 @@ H100, under CUDA graphs: int4 / int8 at 93-97% of copy bandwidth for 4096^2 and 
 
 Stochastic rounding draws reference.uniform_noise's counter-based bits (lowbias32 of the flat index xor a key
 hashed from (seed, step), in uint32) and rounds up with probability (m - a) / step, the reference's own test;
-its output equals eager `fake_quantize(w, fmt, block, "stochastic", seed=seed, step=step)` bit for bit under
-the interpreter (not yet run on a GPU).
+its output equals eager `fake_quantize(w, fmt, block, "stochastic", seed=seed, step=step)` bit for bit, under
+the interpreter and on the H100 (bf16: 68-84% of copy for int4, 31-51% for nvfp4; Inductor's code 21-36%).
 
 Bit-exactness contract: the output equals eager `reference.fake_quantize(w, fmt, block, rounding="nearest")` on
 w's device bit for bit (signs of zeros included) for every finite input `supports` accepts (NaN where it has
@@ -240,8 +240,11 @@ def _fake_quantize(w: Tensor, fmt: str, block: int, step: Tensor | None = None, 
     even = rows % br == 0 and k % bk == 0
     grid = (triton.cdiv(rows, br), triton.cdiv(k, bk))
     stochastic = step is not None
+    # the seed's low 32 bits as a signed int32 (the kernel takes them back as uint32): Inductor (torch 2.11) fails
+    # to generate the launch of a user kernel whose int argument is >= 2**31
+    seed32 = (seed & 0xFFFFFFFF) - ((seed & 0x80000000) << 1)
     torch.library.wrap_triton(_rtn_kernel)[grid](
-        w2, out, tamax, step if stochastic else w2, seed & 0xFFFFFFFF, rows, k, w2.stride(0), QMAX=QMAX[fmt],
+        w2, out, tamax, step if stochastic else w2, seed32, rows, k, w2.stride(0), QMAX=QMAX[fmt],
         NVFP4=nvfp4, BLOCK=block, BLOCK_R=br, BLOCK_K=bk, EVEN=even, RECIP=w.device.type == "cuda",
         STOCHASTIC=stochastic, num_warps=warps)
     return out
@@ -283,13 +286,13 @@ def _register_autograd() -> None:
 
 _register_autograd()
 
-# Which fake-quantization forward qat runs on CUDA: "auto" (this kernel for 16-bit int4 / int8 weights: 93-95%
-# of copy bandwidth against 33-34% for Inductor's code, H100, 4096^2 and 8192^2; Inductor's code for fp32
-# weights, where it reaches ~100% and fuses the cast to the matmul dtype, and for nvfp4, where this kernel
-# was slower at 4096^2 (92 vs 68 us) and faster at 8192^2 (151 vs 223 us)), "triton" (this kernel wherever
-# `supports` says so) or "reference" (never). Read when the smoother's forward runs or is traced.
-# lotion_sampled's stochastic rounding runs the kernel only under "triton": it is bit-exact under the
-# interpreter but has not been timed on a GPU yet, so "auto" keeps Inductor's code for it.
+# Which fake-quantization forward runs on CUDA (benchmarks/bench_smooth_op.py, H100, 4096^2 and 8192^2):
+# "auto": this kernel for 16-bit weights, where Inductor's code reaches 21-43% of copy bandwidth: qat's RTN for
+# int4 / int8 (93-95% against 33-34%; nvfp4 stays on Inductor's code, as fast at 4096^2: 112 vs 110 us, 92 vs
+# 68 in an earlier run), lotion_sampled's stochastic rounding for int4 / int8 / nvfp4 (int4 41 vs 92 us and
+# 111 vs 260, nvfp4 89 vs 133 and 183 vs 258). fp32 weights keep Inductor's code, which fuses the cast to the
+# matmul dtype (~100% of copy for RTN int4). "triton": this kernel wherever `supports` says so; "reference":
+# never. Read when the smoother's forward runs or is traced.
 _CHOICE = {"kernel": "auto"}
 CHOICES = ("auto", "triton", "reference")
 
@@ -315,4 +318,4 @@ def use_for(w: Tensor, fmt: str, block: int, stochastic: bool = False) -> bool:
         return False
     if which == "triton":
         return True
-    return not stochastic and w.dtype in (torch.bfloat16, torch.float16) and fmt in ("int4", "int8")
+    return w.dtype in (torch.bfloat16, torch.float16) and (stochastic or fmt in ("int4", "int8"))

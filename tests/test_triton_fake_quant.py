@@ -323,26 +323,27 @@ def test_gpu_stochastic_bit_exact_and_compiled(fmt: str, block: int, dtype: torc
         for step, seed in SR_KEYS:
             _assert_sr_bit_exact(w, fmt, block, step, seed)
     w = _wide_weight((4096, 1024), block, dtype, seed=2)
-    step = torch.zeros((), dtype=torch.int64, device="cuda")
+    for seed in (11, 0xDEADBEEF):  # a seed >= 2**31 once broke Inductor's launch code (torch 2.11)
+        step = torch.zeros((), dtype=torch.int64, device="cuda")
 
-    def fn(v: torch.Tensor) -> torch.Tensor:
-        step.add_(1)
-        return torch.ops.lotion_fx.sr_quantize_triton(v, step, fmt, block, 11) * 1
+        def fn(v: torch.Tensor) -> torch.Tensor:
+            step.add_(1)
+            return torch.ops.lotion_fx.sr_quantize_triton(v, step, fmt, block, seed) * 1
 
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, options={"triton.cudagraphs": True})
-    _, (code, *_) = run_and_get_code(compiled, w)
-    assert "_rtn_kernel" in code
-    for t in range(2, 5):
-        got = compiled(w).clone()
-        want = lotion_fx.fake_quantize(w, fmt, block, rounding="stochastic", seed=11, step=t)
-        assert int(step) == t and torch.equal(_bits(got), _bits(want))
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, options={"triton.cudagraphs": True})
+        _, (code, *_) = run_and_get_code(compiled, w)
+        assert "_rtn_kernel" in code
+        for t in range(2, 5):
+            got = compiled(w).clone()
+            want = lotion_fx.fake_quantize(w, fmt, block, rounding="stochastic", seed=seed, step=t)
+            assert int(step) == t and torch.equal(_bits(got), _bits(want))
 
 
-def test_qat_picks_the_kernel_for_16_bit_cuda_weights_only() -> None:
-    """use_for: "auto" takes the kernel for bf16/fp16 int4/int8 CUDA weights it supports, never for CPU,
-    unsupported blocks or nvfp4, nor for lotion_sampled's stochastic rounding; "triton" adds fp32, nvfp4 and
-    stochastic rounding, "reference" turns it off (fake CUDA tensors)."""
+def test_fake_quant_picks_the_kernel_for_16_bit_cuda_weights_only() -> None:
+    """use_for: "auto" takes the kernel for bf16/fp16 CUDA weights it supports (qat: int4/int8, not nvfp4;
+    lotion_sampled's stochastic rounding: nvfp4 too), never for CPU, fp32 or unsupported blocks; "triton" adds
+    fp32 and qat's nvfp4, "reference" turns it off (fake CUDA tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -353,10 +354,11 @@ def test_qat_picks_the_kernel_for_16_bit_cuda_weights_only() -> None:
         assert not Q.use_for(cpu, "int4", 32) and not Q.use_for(bf16, "int4", 128 + 64)
         assert Q.use_for(bf16, "int8", 128) and not Q.use_for(bf16, "nvfp4", 16)
         assert not Q.use_for(bf16, "mxfp4", 32) and not Q.use_for(bf16, "nvfp4", 32)
-        assert not Q.use_for(bf16, "int4", 32, stochastic=True)  # lotion_sampled: opt-in only
+        assert Q.use_for(bf16, "int4", 32, stochastic=True) and Q.use_for(bf16, "nvfp4", 16, stochastic=True)
+        assert not Q.use_for(f32, "nvfp4", 16, stochastic=True) and not Q.use_for(cpu, "int4", 32, stochastic=True)
         with Q.kernel_choice("triton"):
             assert Q.use_for(f32, "nvfp4", 16) and Q.use_for(bf16, "nvfp4", 16)
-            assert Q.use_for(bf16, "int4", 32, stochastic=True)
+            assert Q.use_for(f32, "int4", 32, stochastic=True)
         with Q.kernel_choice("reference"):
             assert not Q.use_for(bf16, "int4", 32)
     with pytest.raises(ValueError, match="kernel_choice must be one of"):
