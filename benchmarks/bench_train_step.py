@@ -7,6 +7,8 @@ python benchmarks/bench_train_step.py [--batch 8] [--windows 5] [--eager] [--dyn
 `--param-dtype bf16` trains bf16 weights (no fp32 masters), where qat int4/int8 runs the Triton fake-quant kernel.
 `--dynamic-batch` adds plain with the batch dimension marked dynamic: what a compiled step costs when
 Dynamo has seen two batch sizes (LOTION's refresh on part of the batch makes it recompile that way).
+`--static` compiles every case with `torch.compile(model, dynamic=False)`: LOTION's refresh then gets its own
+static graph and the training graph stays static. `--mode reduce-overhead`: every case under CUDA graphs.
 """
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ def run(method: str, fmt: str | None, curvature: str | None, compiled: bool, arg
     extra = {"curvature_batch_fraction": fraction} if fraction is not None else {}
     model = build(method, fmt, curvature, cfg, PARAM_DTYPES[args.param_dtype], **extra)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fn = torch.compile(model) if compiled else model
+    opts = {"mode": args.mode, **({"dynamic": False} if args.static else {})}
+    fn = torch.compile(model, **opts) if compiled else model
     idx = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), device="cuda")
     if dynamic_batch:
         torch._dynamo.mark_dynamic(idx, 0)
@@ -79,7 +82,7 @@ def run(method: str, fmt: str | None, curvature: str | None, compiled: bool, arg
     step()
     torch.cuda.synchronize()
     first = time.perf_counter() - t
-    for _ in range(WINDOW - 1):  # the curvature pass's first run included
+    for _ in range(args.warmup - 1):  # after a long compile the first windows run slow (2026-11-24: 33 vs 28 ms)
         step()
     windows = []
     for _ in range(args.windows):
@@ -103,11 +106,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--windows", type=int, default=5, help=f"timed windows of {WINDOW} steps")
+    ap.add_argument("--warmup", type=int, default=3 * WINDOW, help="untimed steps after the first (compiling) one")
     ap.add_argument("--eager", action="store_true", help="also time eager mode")
     ap.add_argument("--cases", default=None, help="comma list of method-format[-curvature], e.g. plain,lotion-int4")
     ap.add_argument("--batch-fractions", default="", help="also run each lotion case with these "
                     "curvature_batch_fraction values, e.g. 0.5,0.25")
     ap.add_argument("--dynamic-batch", action="store_true", help="also run plain with a dynamic batch dimension")
+    ap.add_argument("--static", action="store_true", help="compile every case with dynamic=False")
+    ap.add_argument("--mode", default=None, help="torch.compile mode for every case, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--param-dtype", choices=sorted(PARAM_DTYPES), default="fp32",
                     help="dtype of the weights (bf16: no fp32 master weights; qat int4/int8 then runs the "
                          "hand-written Triton fake-quant kernel)")
@@ -146,8 +152,9 @@ def main() -> None:
         crow.append([name, case[1] or "-", f"{first:.1f}", f"{first / res[plain_key][0]:.2f}x"])
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | GPT-2 small "
           f"({sum(p.numel() for p in GPT(cfg).parameters()) / 1e6:.0f}M), batch {args.batch}x{cfg.block_size}, "
-          f"{args.param_dtype} weights, bf16 autocast, AdamW; ms/step = median over {args.windows} windows of "
-          f"{WINDOW} steps")
+          f"{args.param_dtype} weights, bf16 autocast, AdamW, torch.compile mode={args.mode}"
+          f"{', dynamic=False' if args.static else ''}; ms/step = median over {args.windows} windows of "
+          f"{WINDOW} steps, after {args.warmup} untimed steps")
     print(tabulate(rows, headers=["method", "format", "compiled ms/step", "range vs plain (windows)", "vs plain",
                                   "peak GiB", "state B/weight", "eager ms/step"]))
     print()
