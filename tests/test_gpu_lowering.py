@@ -155,8 +155,7 @@ def test_gpu_lotion_trains_the_same_under_cuda_graphs(dynamic) -> None:
         fn = torch.compile(prepared, mode="reduce-overhead", dynamic=dynamic) if compiled else prepared
         for _ in range(6):
             lotion_fx.curvature_step(fn, idx)
-            F_loss = torch.nn.functional.cross_entropy(fn(idx).float().flatten(0, 1), idx.flatten())
-            F_loss.backward()
+            torch.nn.functional.cross_entropy(fn(idx).float().flatten(0, 1), idx.flatten()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         runs.append(prepared)
