@@ -32,8 +32,8 @@ def host_ms(fn) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def profile(method: str, fmt: str | None, cfg: GPTConfig, args) -> list[list]:
-    model = build(method, fmt, None, cfg)
+def profile(method: str, fmt: str | None, curvature: str | None, cfg: GPTConfig, args) -> list[list]:
+    model = build(method, fmt, curvature, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fn = torch.compile(model, dynamic=False) if args.static else torch.compile(model)
     idx = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), device="cuda")
@@ -81,7 +81,7 @@ def profile(method: str, fmt: str | None, cfg: GPTConfig, args) -> list[list]:
         e.record()
         torch.cuda.synchronize()
         gpu.append(s.elapsed_time(e) / 20)
-    label = method + (f" {fmt}" if fmt else "")
+    label = " ".join(x for x in (method, fmt, curvature) if x)
     rows = [[label, k, f"{statistics.median(v):.2f}", len(v)] for k, v in times.items()]
     every = lotion_fx.prepared_info(model).config.curvature_every if lotion else 1
     per_step = sum(statistics.median(v) * (1 / every if "refresh" in k and "no" not in k else
@@ -96,7 +96,7 @@ def profile(method: str, fmt: str | None, cfg: GPTConfig, args) -> list[list]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default="plain,lotion-int4")
+    ap.add_argument("--cases", default="plain,lotion-int4", help="method-format[-curvature], comma-separated")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=30)
@@ -105,8 +105,8 @@ def main() -> None:
     cfg = GPTConfig.preset("gpt2")
     rows = []
     for case in args.cases.split(","):
-        method, _, fmt = case.partition("-")
-        rows += profile(method, fmt or None, cfg, args)
+        method, fmt, curvature = (case.split("-") + [None, None])[:3]
+        rows += profile(method, fmt, curvature, cfg, args)
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | GPT-2 small, batch "
           f"{args.batch}x{cfg.block_size}, bf16 autocast, fused AdamW, compiled{' dynamic=False' if args.static else ''};"
           " host ms = CPU time from an empty GPU queue to return, median over steps")

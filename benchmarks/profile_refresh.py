@@ -23,7 +23,6 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lotion_fx  # noqa: E402
 from lotion_fx import curvature as C  # noqa: E402
-from lotion_fx import smoother as S  # noqa: E402
 from benchmarks.bench_train_step import build  # noqa: E402
 from examples.gpt import GPTConfig  # noqa: E402
 
