@@ -45,6 +45,18 @@ def build(method: str, fmt: str | None, curvature: str | None, cfg: GPTConfig,
     return lotion_fx.prepare(model, lotion_fx.LotionConfig(method=method, format=fmt, **extra))
 
 
+def train_step(fn, opt: torch.optim.Optimizer, idx: torch.Tensor, method: str) -> None:
+    """One step of the benchmarked loop: LOTION's curvature_step (a sampled-target refresh every
+    curvature_every calls), then forward, next-token-style cross-entropy on idx, backward, AdamW."""
+    with torch.autocast(idx.device.type, dtype=torch.bfloat16):
+        if method == "lotion":
+            lotion_fx.curvature_step(fn, idx)
+        loss = F.cross_entropy(fn(idx).float().flatten(0, 1), idx.flatten())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def state_bytes_per_weight(model: torch.nn.Module) -> float:
     """Curvature state (g) bytes per smoothed weight element (0 for qat/plain)."""
     if not lotion_fx.is_prepared(model):
@@ -68,14 +80,7 @@ def run(method: str, fmt: str | None, curvature: str | None, compiled: bool, arg
         torch._dynamo.mark_dynamic(idx, 0)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if method == "lotion":
-                lotion_fx.curvature_step(fn, idx)
-            logits = fn(idx)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), idx.flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(fn, opt, idx, method)
 
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()

@@ -20,14 +20,13 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lotion_fx  # noqa: E402
-from benchmarks.bench_train_step import build  # noqa: E402
+from benchmarks.bench_train_step import build, train_step  # noqa: E402
 from examples.gpt import GPT, GPTConfig  # noqa: E402
 
 # Substrings of Inductor kernel names (built from the original aten/custom ops) that mark code
@@ -136,14 +135,7 @@ def profile_case(method: str, fmt: str | None, curvature: str | None, cfg: GPTCo
     idx = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), device=dev)
 
     def step() -> None:
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            if method == "lotion":  # the real loop: a sampled-target refresh every curvature_every steps
-                lotion_fx.curvature_step(fn, idx)
-            logits = fn(idx)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), idx.flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(fn, opt, idx, method)
 
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     _, codes = torch._inductor.utils.run_and_get_code(step)  # first step compiles fwd + bwd
