@@ -12,7 +12,8 @@ element. Targets (torchao 0.18):
 | nvfp4      | NVFP4Tensor (weight-only)     | packed E2M1 x2, E4M3 block scales, fp32   |
 | mxfp4      | MXTensor (storage only)       | packed E2M1 x2, E8M0 block scales         |
 | int8, int4,| LotionPackedTensor (default)  | the packed layout of backends.triton_matmul; |
-| nvfp4      |                               | linear runs our Triton kernels on CUDA    |
+| nvfp4,     |                               | linear runs our Triton kernels on CUDA    |
+| mxfp4      |                               | (mxfp4: E8M0 bits as uint8, no kernel yet) |
 
 `LotionPackedTensor` is our own torchao-style subclass (`TorchAOBaseTensor`): on CUDA its
 `F.linear` calls `lotion_fx::weight_only_linear` (Triton, traced by torch.compile without a graph
@@ -48,8 +49,9 @@ def unsupported_reason(
     if target == "MXTensor":
         return (
             "torchao 0.18 MXTensor has no weight-only linear (its matmul also quantizes the "
-            "activations, so the output would differ from quantized_eval); export mxfp4 weights "
-            "with backends.torchao_export.to_torchao for storage, or train with format='nvfp4'"
+            "activations, so the output would differ from quantized_eval); convert mxfp4 to the default "
+            f"{PACKED} (runs dequantize + matmul), or build MXTensor with backends.torchao_export.to_torchao "
+            "for storage"
         )
     if device.type not in RUNNABLE_DEVICES:
         return f"torchao {target} weight-only linear runs on {list(RUNNABLE_DEVICES)}, not {device.type!r}"
@@ -90,6 +92,11 @@ def _pack_e2m1(codes: Tensor) -> Tensor:
     return pack_uint4(f32_to_f4_unpacked(codes.to(torch.float32).contiguous()))
 
 
+def _e8m0_bits(scales: Tensor) -> Tensor:
+    """mxfp4's block scales (exact powers of two, 2^-127 to 2^127) as their E8M0 bits, uint8 e = log2 + 127."""
+    return (torch.frexp(scales.to(torch.float32))[1] + 126).to(torch.uint8)
+
+
 def _nvfp4_checked(w: Tensor, block: int, scales: Tensor) -> tuple[Tensor, Tensor]:
     """E4M3 block scales (rows, nblocks) and the fp32 tensor scale, checked against block_scales."""
     e4m3, tensor_scale = R.nvfp4_scales(w, block)
@@ -113,6 +120,8 @@ def to_torchao(weight: Tensor, fmt: str, block: int, target: str | None = None) 
         if fmt == "nvfp4":
             e4m3, tensor_scale = _nvfp4_checked(w, block, scales)
             scale = e4m3.to(torch.float32).to(torch.float8_e4m3fn).reshape(shape[0], shape[1] // block)
+        elif fmt == "mxfp4":
+            scale, tensor_scale = _e8m0_bits(_scale_grid(scales, shape, block)), torch.ones((), device=w.device)
         else:
             scale, tensor_scale = _scale_grid(scales, shape, block), torch.ones((), device=w.device)
         return LotionPackedTensor(K.pack_codes(codes, fmt), scale, tensor_scale.to(torch.float32).reshape(()),
@@ -155,8 +164,7 @@ def to_torchao(weight: Tensor, fmt: str, block: int, target: str | None = None) 
         from torchao.prototype.mx_formats.mx_tensor import MXTensor
         from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
 
-        exp = torch.frexp(scales.to(torch.float32))[1] - 1  # scales are exact powers of two
-        biased = (exp + 127).to(torch.uint8).reshape(shape[0], shape[1] // block)
+        biased = _e8m0_bits(scales.reshape(shape[0], shape[1] // block))
         return MXTensor(
             _pack_e2m1(codes), biased.view(torch.float8_e8m0fnu), torch.float4_e2m1fn_x2,
             block, w.dtype, KernelPreference.EMULATED, None, False,

@@ -38,7 +38,10 @@ from torch import Tensor
 from lotion_fx.backends.triton_util import INTERPRET, round_to
 from lotion_fx.formats import get_format
 
-FMT_IDS = {"int8": 0, "int4": 1, "nvfp4": 2}
+FMT_IDS = {"int8": 0, "int4": 1, "nvfp4": 2}  # the formats the kernels take
+# every packed layout: mxfp4 (E2M1 nibbles as nvfp4, E8M0 block scales stored as their uint8 bits) has no
+# kernel yet, so its linear is dequantize + F.linear on every device
+PACKED_FORMATS = (*FMT_IDS, "mxfp4")
 _E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
@@ -60,12 +63,12 @@ def pack_codes(codes: Tensor, fmt: str) -> Tensor:
         raise ValueError(f"{fmt} packs two codes per byte: in_features {codes.shape[-1]} must be even")
     if fmt == "int4":
         return _pack_nibbles(codes.to(torch.int16) + 8)
-    if fmt == "nvfp4":
+    if fmt in ("nvfp4", "mxfp4"):
         mag = torch.bucketize(codes.abs().float(), _E2M1.to(codes.device))
         if not torch.equal(_E2M1.to(codes.device)[mag.clamp(max=7)], codes.abs().float()):
-            raise ValueError("nvfp4 codes must be E2M1 grid values")
+            raise ValueError(f"{fmt} codes must be E2M1 grid values")
         return _pack_nibbles(mag | (torch.signbit(codes).to(torch.int64) << 3))
-    raise ValueError(f"no packed layout for format {fmt!r}; choose one of {sorted(FMT_IDS)}")
+    raise ValueError(f"no packed layout for format {fmt!r}; choose one of {sorted(PACKED_FORMATS)}")
 
 
 def unpack_codes(qdata: Tensor, fmt: str) -> Tensor:
@@ -84,7 +87,11 @@ def unpack_codes(qdata: Tensor, fmt: str) -> Tensor:
 def dequantize_reference(qdata: Tensor, scale: Tensor, tensor_scale: Tensor, fmt: str, dtype: torch.dtype) -> Tensor:
     """Plain-torch dequantization: the weight `fake_quantize` gives, element for element."""
     q = unpack_codes(qdata, fmt)
-    s = scale.to(torch.float32)
+    if fmt == "mxfp4":  # E8M0 bits e -> 2^(e - 127), built on the fp32 bits (exact; e = 0 is the subnormal 2^-127)
+        e = scale.to(torch.int32)
+        s = torch.where(e == 0, 2.0**-127, (e << 23).view(torch.float32))
+    else:
+        s = scale.to(torch.float32)
     if fmt == "nvfp4":
         s = s * tensor_scale.to(torch.float32)
     n, k = q.shape
@@ -102,8 +109,9 @@ def linear_reference(
 def packed_linear(
     x: Tensor, qdata: Tensor, scale: Tensor, tensor_scale: Tensor, bias: Tensor | None, fmt: str
 ) -> Tensor:
-    """F.linear with a packed weight: the Triton kernels when both are on CUDA, else linear_reference."""
-    if qdata.is_cuda and x.is_cuda:
+    """F.linear with a packed weight: the Triton kernels when both are on CUDA (formats in FMT_IDS), else
+    linear_reference."""
+    if qdata.is_cuda and x.is_cuda and fmt in FMT_IDS:
         return torch.ops.lotion_fx.weight_only_linear(x, qdata, scale, tensor_scale, bias, fmt)
     return linear_reference(x, qdata, scale, tensor_scale, bias, fmt)
 

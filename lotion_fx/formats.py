@@ -89,7 +89,7 @@ FORMATS: dict[str, Format] = {
     "int8": _int_format("int8", 127, "row", 8, (PACKED, "Int8Tensor", "IntxUnpackedToInt8Tensor")),
     "int4": _int_format("int4", 7, 32, 4, (PACKED, "IntxUnpackedToInt8Tensor")),
     "nvfp4": _fp4_format("nvfp4", 16, "nvfp4", 4, (PACKED, "NVFP4Tensor")),  # E4M3 blocks, fp32 tensor scale
-    "mxfp4": _fp4_format("mxfp4", 32, "mxfp4", 0, ("MXTensor",)),  # E8M0 block scales
+    "mxfp4": _fp4_format("mxfp4", 32, "mxfp4", 0, (PACKED, "MXTensor")),  # E8M0 block scales
 }
 
 

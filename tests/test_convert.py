@@ -26,6 +26,8 @@ RUNNABLE = [
     ("int4", None, X.PACKED),
     ("int4", "tensor", X.PACKED),
     ("nvfp4", None, X.PACKED),
+    ("mxfp4", None, X.PACKED),
+    ("mxfp4", "tensor", X.PACKED),
 ]
 
 
@@ -106,7 +108,7 @@ def test_convert_matches_quantized_eval(fmt: str, block, target: str) -> None:
     assert "total" in str(report) and str(report.bytes_after) in str(report)
 
 
-@pytest.mark.parametrize("fmt,block,target", [RUNNABLE[0], RUNNABLE[2], RUNNABLE[4], RUNNABLE[6], RUNNABLE[8]])
+@pytest.mark.parametrize("fmt,block,target", [RUNNABLE[i] for i in (0, 2, 4, 6, 8, 9)])
 def test_state_dict_round_trip(fmt: str, block, target: str, tmp_path) -> None:
     model, x, _ = _model_and_batch()
     deployed = lotion_fx.convert(_prepare(model, x, fmt, block), formats={fmt: target}).eval()
@@ -161,12 +163,30 @@ def test_packed_linear_takes_checkpoints_and_compiles_on_plain_tensors(tmp_path)
         other.load_state_dict(bad)
 
 
+def test_mxfp4_deploys_as_packed_e8m0_and_compiles() -> None:
+    """mxfp4 (no torchao weight-only linear) deploys as LotionPackedTensor: E2M1 nibbles and one E8M0 byte per
+    32 weights, 4.25 bits per weight; the E8M0 bits decode to torchao MXTensor's own scales, and the Inductor-
+    compiled model computes what quantized_eval does."""
+    model, x, y = _model_and_batch()
+    prepared = _prepare(model, x, "mxfp4", None)
+    with lotion_fx.quantized_eval(prepared) as q:
+        want = q(x)
+    deployed = lotion_fx.convert(prepared).eval()
+    lin = deployed.blocks[0].mlp.fc
+    assert isinstance(lin, PackedLinear) and lin.scale.dtype == torch.uint8
+    assert lin.qdata.numel() + lin.scale.numel() == lin.weight.numel() * 17 // 32
+    mx = X.to_torchao(lotion_fx.original(prepared).blocks[0].mlp.fc.weight, "mxfp4", 32, "MXTensor")
+    assert torch.equal(lin.weight.dequantize(), mx.dequantize())
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(deployed)(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_unsupported_layers_raise_before_any_change() -> None:
     model, x, _ = _model_and_batch()
     before = dict(model.named_parameters(remove_duplicate=False))
     prepared = _prepare(model, x, "mxfp4", None)
     with pytest.raises(ValueError, match=r"layer 'blocks.0.attn.qkv' \(format mxfp4, device cpu\).*MXTensor"):
-        lotion_fx.convert(prepared)
+        lotion_fx.convert(prepared, formats={"mxfp4": "MXTensor"})
     with pytest.raises(ValueError, match="unknown format names"):
         lotion_fx.convert(prepared, formats={"fp8": "Int8Tensor"})
     with pytest.raises(ValueError, match="cannot hold format 'mxfp4'"):
@@ -226,7 +246,7 @@ def test_nvfp4_linear_on_noncontiguous_3d_input() -> None:
 
 @pytest.mark.parametrize("fmt, block, target, extra", [
     ("int8", "row", "Int8Tensor", 0), ("int8", 16, "Int8Tensor", 0), ("nvfp4", 16, "NVFP4Tensor", 0),
-    ("nvfp4", 32, X.PACKED, 0), ("mxfp4", 32, "MXTensor", 0),
+    ("nvfp4", 32, X.PACKED, 0), ("mxfp4", 32, "MXTensor", 0), ("mxfp4", 32, X.PACKED, 4),
     ("int4", 32, X.PACKED, 4),  # LotionPackedTensor keeps an fp32 tensor scale (1.0) for every format
 ])
 def test_format_storage_facts_are_what_torchao_tensors_store(fmt, block, target, extra) -> None:

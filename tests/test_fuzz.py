@@ -17,7 +17,7 @@ from torch import nn
 import lotion_fx
 
 METHODS = ("lotion", "qat", "ptq", "lotion_sampled")
-FORMATS = ("int8", "int4", "nvfp4")
+FORMATS = ("int8", "int4", "nvfp4", "mxfp4")
 FAMILIES = ("mlp", "conv2d", "tied_lm", "conv1d", "mha")
 LONG = os.environ.get("LOTION_FUZZ_LONG") == "1"
 
