@@ -36,12 +36,11 @@ import triton.language as tl
 from torch import Tensor
 
 from lotion_fx.backends.triton_util import INTERPRET, round_to
-from lotion_fx.formats import get_format
+from lotion_fx.formats import FORMATS, PACKED, get_format
 
-FMT_IDS = {"int8": 0, "int4": 1, "nvfp4": 2}  # the formats the kernels take
-# every packed layout: mxfp4 (E2M1 nibbles as nvfp4, E8M0 block scales stored as their uint8 bits) has no
-# kernel yet, so its linear is dequantize + F.linear on every device
-PACKED_FORMATS = (*FMT_IDS, "mxfp4")
+# the formats the kernels take; the packed layout also holds mxfp4 (E2M1 nibbles as nvfp4, E8M0 block scales
+# stored as their uint8 bits), which has no kernel yet: its linear is dequantize + F.linear on every device
+FMT_IDS = {"int8": 0, "int4": 1, "nvfp4": 2}
 _E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
@@ -68,7 +67,8 @@ def pack_codes(codes: Tensor, fmt: str) -> Tensor:
         if not torch.equal(_E2M1.to(codes.device)[mag.clamp(max=7)], codes.abs().float()):
             raise ValueError(f"{fmt} codes must be E2M1 grid values")
         return _pack_nibbles(mag | (torch.signbit(codes).to(torch.int64) << 3))
-    raise ValueError(f"no packed layout for format {fmt!r}; choose one of {sorted(PACKED_FORMATS)}")
+    raise ValueError(f"no packed layout for format {fmt!r}; choose one of "
+                     f"{sorted(n for n, f in FORMATS.items() if PACKED in f.torchao_targets)}")
 
 
 def unpack_codes(qdata: Tensor, fmt: str) -> Tensor:
