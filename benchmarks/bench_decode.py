@@ -1,7 +1,7 @@
 """KV-cache decode speed of a ~1.1B Llama-shaped model: bf16 vs our packed int8/int4/nvfp4 kernels.
 
 The model (defined here, random init, no download) is Llama-3-shaped: d=2048, 16 layers, 32 heads
-with 8 KV heads, SwiGLU 8192, vocab 32000, untied head, RoPE, a static KV cache (gpt-fast style).
+with 8 KV heads, SwiGLU 8192, vocab 32000 (`--size 8b`: Llama-3.1-8B's shapes), untied head, RoPE, a static KV cache (gpt-fast style).
 Each Linear weight is replaced by `to_torchao(w, fmt, default block, "LotionPackedTensor")` (the
 tensor `lotion_fx.convert` makes: RTN codes, F.linear -> our Triton kernels on CUDA);
 `torchao-int8` / `torchao-int4` are torchao's own Int8WeightOnlyConfig / Int4WeightOnlyConfig
@@ -16,7 +16,7 @@ matmul, and one w13 Linear, dim -> 2 ffn, split into gate / up): the same weight
 quantization, so every per-row scale is the same), fewer and larger GEMVs; bf16 and every quantized variant
 use the layout of the row, and "vs bf16" compares within a layout. `--gemv` sets the GEMV switch of our
 kernels (triton_matmul.GEMV_KERNEL: auto, v2, v3 or v3dot, see bench_wo_linear.py). Usage:
-    python benchmarks/bench_decode.py [--quick] [--batches 1,8] [--layout separate,fused] [--gemv v3]
+    python benchmarks/bench_decode.py [--quick | --size 8b] [--batches 1,8] [--layout separate,fused] [--gemv v3]
         [--variants ...] [--out FILE]
 """
 
@@ -54,6 +54,9 @@ class Cfg:
 
 
 LAYOUTS = ("separate", "fused")
+# --size: the ~1.1B model of the tables so far, and Llama-3.1-8B's shapes (the anchors' model: d 4096, 32 layers,
+# GQA 32/8, SwiGLU 14336, vocab 128256), where the work that is not a weight read weighs less per token.
+SIZES = {"1b": Cfg(), "8b": Cfg(dim=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256)}
 
 
 class Attention(nn.Module):
@@ -247,6 +250,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--compile", default="default", choices=["default", "none"],
                     help="how prefill and decode are compiled (see compile_for); decode adds CUDA graphs")
+    ap.add_argument("--size", default="1b", choices=sorted(SIZES), help="model shapes (see SIZES)")
     ap.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--out", default=None)
@@ -257,7 +261,7 @@ def main() -> None:
             ap.error(f"unknown layout {lay!r}: choose from {', '.join(LAYOUTS)} (or a comma list)")
     T.GEMV_KERNEL = args.gemv
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    c = Cfg(dim=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=1024, max_len=128) if args.quick else Cfg()
+    c = Cfg(dim=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=1024, max_len=128) if args.quick else SIZES[args.size]
     prefill = min(args.prefill, c.max_len // 2)
     bw = copy_bandwidth(device)
     with torch.device("meta"):

@@ -9,6 +9,8 @@ python benchmarks/bench_train_step.py [--batch 8] [--windows 5] [--eager] [--dyn
 Dynamo has seen two batch sizes (LOTION's refresh on part of the batch makes it recompile that way).
 `--static` compiles every case with `torch.compile(model, dynamic=False)`: LOTION's refresh then gets its own
 static graph and the training graph stays static. `--mode reduce-overhead`: every case under CUDA graphs.
+`--inductor cpp_wrapper=True,combo_kernels=True` sets torch._inductor.config options for every case (the levers
+on the host's launch time, which LOTION's compiled step is bound by without CUDA graphs).
 """
 from __future__ import annotations
 
@@ -107,6 +109,22 @@ def run(method: str, fmt: str | None, curvature: str | None, compiled: bool, arg
     return first, windows, peak, sb
 
 
+def parse_inductor_options(text: str) -> dict[str, object]:
+    """'cpp_wrapper=True,combo_kernels=True' -> {'cpp_wrapper': True, 'combo_kernels': True}; an unknown
+    torch._inductor.config key is an error naming it."""
+    import ast
+
+    import torch._inductor.config as icfg
+
+    out: dict[str, object] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(icfg, key.strip()):
+            raise SystemExit(f"--inductor: {item!r} is not key=value with a torch._inductor.config key")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -122,7 +140,14 @@ def main() -> None:
     ap.add_argument("--param-dtype", choices=sorted(PARAM_DTYPES), default="fp32",
                     help="dtype of the weights (bf16: no fp32 master weights; qat int4/int8 then runs the "
                          "hand-written Triton fake-quant kernel)")
+    ap.add_argument("--inductor", default="", help="torch._inductor.config options for every case, comma list of "
+                    "key=value (Python literals), e.g. cpp_wrapper=True,combo_kernels=True")
     args = ap.parse_args()
+    inductor = parse_inductor_options(args.inductor)
+    import torch._inductor.config as icfg
+
+    for key, value in inductor.items():
+        setattr(icfg, key, value)
     cfg = GPTConfig.preset("gpt2")
     cases = CASES
     if args.cases:
@@ -158,7 +183,8 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | GPT-2 small "
           f"({sum(p.numel() for p in GPT(cfg).parameters()) / 1e6:.0f}M), batch {args.batch}x{cfg.block_size}, "
           f"{args.param_dtype} weights, bf16 autocast, AdamW, torch.compile mode={args.mode}"
-          f"{', dynamic=False' if args.static else ''}; ms/step = median over {args.windows} windows of "
+          f"{', dynamic=False' if args.static else ''}"
+          f"{', inductor ' + str(inductor) if inductor else ''}; ms/step = median over {args.windows} windows of "
           f"{WINDOW} steps, after {args.warmup} untimed steps")
     print(tabulate(rows, headers=["method", "format", "compiled ms/step", "range vs plain (windows)", "vs plain",
                                   "peak GiB", "state B/weight", "eager ms/step"]))

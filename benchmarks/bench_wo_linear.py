@@ -12,7 +12,7 @@ also tries launch configurations of the v2 GEMV (and the tl.dot GEMV at M = 8), 
 (M <= 16; and of v3dot at M > 4 where --kernels has it), and prints the best per shape. `--shapes` picks
 layers by name (wqkv / w13: the fused projections of bench_decode.py --layout fused). GPU only. Usage:
     python benchmarks/bench_wo_linear.py [--formats int4,nvfp4,int8] [--m 1,8,512] [--kernels v2,v3,v3dot]
-        [--shapes wq/wo,wk/wv,w1/w3,w2,head,wqkv,w13] [--sweep] [--sweep3] [--out FILE]
+        [--shapes wq/wo,wk/wv,w1/w3,w2,head,wqkv,w13,8b-wqkv,8b-wo,8b-w13,8b-w2,8b-head] [--sweep] [--sweep3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from lotion_fx.reference import resolve_block
 SHAPES = [(2048, 2048, "wq/wo"), (512, 2048, "wk/wv"), (8192, 2048, "w1/w3"), (2048, 8192, "w2"),
           (32000, 2048, "head")]
 FUSED_SHAPES = [(3072, 2048, "wqkv"), (16384, 2048, "w13")]  # bench_decode.py --layout fused
+# bench_decode.py --size 8b --layout fused (Llama-3.1-8B's shapes)
+SHAPES_8B = [(6144, 4096, "8b-wqkv"), (4096, 4096, "8b-wo"), (28672, 4096, "8b-w13"), (4096, 14336, "8b-w2"),
+             (128256, 4096, "8b-head")]
 
 
 def copy_bandwidth() -> float:
@@ -128,7 +131,7 @@ def main() -> None:
                     "tl.dot GEMV above), v3, v3dot (M > 4: v3 decode + tl.dot), auto (per shape), v3r0 ... v3r3 "
                     "(default: the library's, triton_matmul.GEMV_KERNEL)")
     ap.add_argument("--shapes", default=",".join(s[2] for s in SHAPES),
-                    help="layers to time, from " + ", ".join(s[2] for s in SHAPES + FUSED_SHAPES))
+                    help="layers to time, from " + ", ".join(s[2] for s in SHAPES + FUSED_SHAPES + SHAPES_8B))
     ap.add_argument("--sweep", action="store_true", help="launch-config sweep of the v2 / tl.dot GEMVs")
     ap.add_argument("--sweep3", action="store_true", help="launch-config sweep of the v3 GEMV (M <= 16)")
     ap.add_argument("--sum8", action="store_true", help="also time M = 8 through the tl.sum GEMV (SUM_MAX_M = 8)")
@@ -139,7 +142,7 @@ def main() -> None:
     for v in kernels:
         if v not in ("auto", "v2", "v3", "v3dot", "v3r0", "v3r1", "v3r2", "v3r3"):
             ap.error(f"unknown GEMV variant {v!r}: choose from auto, v2, v3, v3dot, v3r0, v3r1, v3r2, v3r3")
-    by_name = {s[2]: s for s in SHAPES + FUSED_SHAPES}
+    by_name = {s[2]: s for s in SHAPES + FUSED_SHAPES + SHAPES_8B}
     for name in args.shapes.split(","):
         if name not in by_name:
             ap.error(f"unknown shape {name!r}: choose from {', '.join(by_name)}")
