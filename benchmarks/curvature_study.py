@@ -12,17 +12,24 @@ CPU testbeds (this script):
            the student fits well, so the quantization error dominates the quantized loss.
   cls:     16-class classification, labels sampled from a teacher MLP's softmax, student MLP,
            int4 per tensor; loss = exact expected cross-entropy under the teacher.
+Held-out testbeds (`--testbeds heldout`), added on 2026-12-07 *after* the defaults were chosen and never
+tuned on: noise-free teacher-student regression with a 3-layer MLP (16 -> 64 -> 64 -> 4, ReLU or tanh,
+teacher weights 1.5 / sqrt(fan_in)), int4 block 16, batch 128, at three learning rates (3e-3, 1e-2, 3e-2),
+one at nvfp4; and 10-class classification from a GELU teacher's softmax (32 -> 128 -> 128 -> 10), int4
+block 32 and per tensor.
 The GPU testbeds (small GPT on the stdlib corpus) run through examples/train_lm.py:
 scripts/gpu_curvature_study.sh.
 
     python benchmarks/curvature_study.py --seeds 8             # the README's table (~5 min, 1 core)
     python benchmarks/curvature_study.py --testbeds mlp --seeds 3 --variants default,qat,ptq
+    python benchmarks/curvature_study.py --testbeds heldout --variants ptq,qat,default
     python benchmarks/curvature_study.py --lm DIR              # table of train_lm.py JSON records
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import sys
@@ -125,11 +132,85 @@ def _cls(seed: int):
     return student, sample, F.cross_entropy, metric, 1.0
 
 
+class MLP3(nn.Module):
+    def __init__(self, d: int, h: int, out: int, act: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(d, h), nn.Linear(h, h), nn.Linear(h, out)
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def _teacher(gen: torch.Generator, d: int, h: int, out: int, act, gain: float) -> MLP3:
+    teacher = MLP3(d, h, out, act)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (gain / math.sqrt(p.shape[-1])))
+    return teacher
+
+
+def _deep_reg(seed: int, act: Callable[[Tensor], Tensor]):
+    """Held out: noise-free regression on a 3-layer teacher (16 -> 64 -> 64 -> 4); MSE on 4096 test points."""
+    gen = torch.Generator().manual_seed(40_000 + seed)
+    teacher = _teacher(gen, 16, 64, 4, act, 1.5)
+    x_test = torch.randn(4096, 16, generator=gen)
+    with torch.no_grad():
+        y_test = teacher(x_test)
+    torch.manual_seed(seed)
+    student = MLP3(16, 64, 4, act)
+
+    def sample(g: torch.Generator):
+        x = torch.randn(128, 16, generator=g)
+        with torch.no_grad():
+            return x, teacher(x)
+
+    def metric(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(F.mse_loss(m(x_test), y_test))
+
+    return student, sample, F.mse_loss, metric, 1.0
+
+
+def _deep_cls(seed: int):
+    """Held out: 10 classes sampled from a GELU teacher's softmax (32 -> 128 -> 128 -> 10); exact expected CE."""
+    gen = torch.Generator().manual_seed(50_000 + seed)
+    teacher = _teacher(gen, 32, 128, 10, F.gelu, 2.0)
+    x_test = torch.randn(4096, 32, generator=gen)
+    with torch.no_grad():
+        p_test = teacher(x_test).softmax(-1)
+    torch.manual_seed(seed)
+    student = MLP3(32, 128, 10, F.gelu)
+
+    def sample(g: torch.Generator):
+        x = torch.randn(128, 32, generator=g)
+        with torch.no_grad():
+            y = torch.multinomial(teacher(x).softmax(-1), 1, generator=g).squeeze(-1)
+        return x, y
+
+    def metric(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(-(p_test * m(x_test).log_softmax(-1)).sum(-1).mean())
+
+    return student, sample, F.cross_entropy, metric, 1.0
+
+
 TESTBEDS = {
     "linear": Testbed("linear", "int4", 32, 600, 64, 0.1, "mse", _linear),
     "mlp": Testbed("mlp", "int4", 32, 600, 64, 3e-2, "mse", _mlp),
     "cls": Testbed("cls", "int4", "tensor", 600, 64, 3e-3, "cross_entropy", _cls),
 }
+HELDOUT = {}
+for _act_name, _act in (("relu", F.relu), ("tanh", torch.tanh)):
+    for _lr in (3e-3, 1e-2, 3e-2):
+        _name = f"{_act_name} lr {_lr:g}"
+        HELDOUT[_name] = Testbed(_name, "int4", 16, 600, 128, _lr, "mse", functools.partial(_deep_reg, act=_act))
+HELDOUT["relu lr 0.01 nvfp4"] = Testbed("relu lr 0.01 nvfp4", "nvfp4", 16, 600, 128, 1e-2, "mse",
+                                        functools.partial(_deep_reg, act=F.relu))
+HELDOUT["gelu cls block 32"] = Testbed("gelu cls block 32", "int4", 32, 600, 128, 3e-3, "cross_entropy", _deep_cls)
+HELDOUT["gelu cls tensor"] = Testbed("gelu cls tensor", "int4", "tensor", 600, 128, 3e-3, "cross_entropy", _deep_cls)
+TESTBEDS.update(HELDOUT)
+GROUPS = {"heldout": list(HELDOUT), "tuned": ["linear", "mlp", "cls"]}
 
 # name -> (method, LotionConfig overrides); "default" is LotionConfig's own defaults (gn_sampled,
 # lam 1 reached after a 500-step linear warm-up). "half" = a warm-up over half of the run.
@@ -241,7 +322,7 @@ def lm_table(paths: list[Path]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--testbeds", default=",".join(TESTBEDS))
+    p.add_argument("--testbeds", default="tuned", help=f"comma list of {list(TESTBEDS)} or groups {list(GROUPS)}")
     p.add_argument("--variants", default="ptq,qat,default,ema (old default),gn lam 0.3,gn lam 0.5,gn lam 1,"
                    "gn lam 0.5 warmup 500,gn lam 1 warmup 300")
     p.add_argument("--seeds", type=int, default=8)
@@ -258,7 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     for v in variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}: choose from {list(VARIANTS)}")
-    for name in a.testbeds.split(","):
+    names = [t for name in a.testbeds.split(",") for t in GROUPS.get(name, [name])]
+    for name in names:
+        if name not in TESTBEDS:
+            p.error(f"unknown testbed {name!r}: choose from {list(TESTBEDS)} or {list(GROUPS)}")
+    for name in names:
         print(study([name], variants, seeds, a.steps), flush=True)
 
 
