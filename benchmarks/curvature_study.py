@@ -83,55 +83,6 @@ class MLP(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
-def _mlp(seed: int):
-    gen = torch.Generator().manual_seed(20_000 + seed)
-    teacher = MLP(32, 64, 8)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
-    x_test = torch.randn(4096, 32, generator=gen)
-    with torch.no_grad():
-        y_test = teacher(x_test)
-    torch.manual_seed(seed)
-    student = MLP(32, 64, 8)
-
-    def sample(g: torch.Generator):
-        x = torch.randn(64, 32, generator=g)
-        with torch.no_grad():
-            return x, teacher(x)
-
-    def metric(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float(F.mse_loss(m(x_test), y_test))
-
-    return student, sample, F.mse_loss, metric, 1.0
-
-
-def _cls(seed: int):
-    gen = torch.Generator().manual_seed(30_000 + seed)
-    teacher = MLP(32, 64, 16)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / math.sqrt(p.shape[-1])))
-    x_test = torch.randn(4096, 32, generator=gen)
-    with torch.no_grad():
-        p_test = teacher(x_test).softmax(-1)
-    torch.manual_seed(seed)
-    student = MLP(32, 64, 16)
-
-    def sample(g: torch.Generator):
-        x = torch.randn(64, 32, generator=g)
-        with torch.no_grad():
-            y = torch.multinomial(teacher(x).softmax(-1), 1, generator=g).squeeze(-1)
-        return x, y
-
-    def metric(m: nn.Module) -> float:  # E_{y ~ teacher}[-log q(y|x)], exact in y
-        with torch.no_grad():
-            return float(-(p_test * m(x_test).log_softmax(-1)).sum(-1).mean())
-
-    return student, sample, F.cross_entropy, metric, 1.0
-
-
 class MLP3(nn.Module):
     def __init__(self, d: int, h: int, out: int, act: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
@@ -142,26 +93,22 @@ class MLP3(nn.Module):
         return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
 
 
-def _teacher(gen: torch.Generator, d: int, h: int, out: int, act, gain: float) -> MLP3:
-    teacher = MLP3(d, h, out, act)
+def _randomize(teacher: nn.Module, gen: torch.Generator, gain: float) -> nn.Module:
+    """Teacher weights N(0, gain^2 / fan_in), drawn from `gen`."""
     with torch.no_grad():
         for p in teacher.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (gain / math.sqrt(p.shape[-1])))
     return teacher
 
 
-def _deep_reg(seed: int, act: Callable[[Tensor], Tensor]):
-    """Held out: noise-free regression on a 3-layer teacher (16 -> 64 -> 64 -> 4); MSE on 4096 test points."""
-    gen = torch.Generator().manual_seed(40_000 + seed)
-    teacher = _teacher(gen, 16, 64, 4, act, 1.5)
-    x_test = torch.randn(4096, 16, generator=gen)
+def _regression(teacher: nn.Module, student: nn.Module, gen: torch.Generator, d: int, batch: int):
+    """Noise-free teacher-student regression: MSE on 4096 test points drawn from `gen`."""
+    x_test = torch.randn(4096, d, generator=gen)
     with torch.no_grad():
         y_test = teacher(x_test)
-    torch.manual_seed(seed)
-    student = MLP3(16, 64, 4, act)
 
     def sample(g: torch.Generator):
-        x = torch.randn(128, 16, generator=g)
+        x = torch.randn(batch, d, generator=g)
         with torch.no_grad():
             return x, teacher(x)
 
@@ -172,18 +119,14 @@ def _deep_reg(seed: int, act: Callable[[Tensor], Tensor]):
     return student, sample, F.mse_loss, metric, 1.0
 
 
-def _deep_cls(seed: int):
-    """Held out: 10 classes sampled from a GELU teacher's softmax (32 -> 128 -> 128 -> 10); exact expected CE."""
-    gen = torch.Generator().manual_seed(50_000 + seed)
-    teacher = _teacher(gen, 32, 128, 10, F.gelu, 2.0)
-    x_test = torch.randn(4096, 32, generator=gen)
+def _classification(teacher: nn.Module, student: nn.Module, gen: torch.Generator, d: int, batch: int):
+    """Labels sampled from the teacher's softmax; metric = E_{y ~ teacher}[-log q(y|x)], exact in y."""
+    x_test = torch.randn(4096, d, generator=gen)
     with torch.no_grad():
         p_test = teacher(x_test).softmax(-1)
-    torch.manual_seed(seed)
-    student = MLP3(32, 128, 10, F.gelu)
 
     def sample(g: torch.Generator):
-        x = torch.randn(128, 32, generator=g)
+        x = torch.randn(batch, d, generator=g)
         with torch.no_grad():
             y = torch.multinomial(teacher(x).softmax(-1), 1, generator=g).squeeze(-1)
         return x, y
@@ -193,6 +136,37 @@ def _deep_cls(seed: int):
             return float(-(p_test * m(x_test).log_softmax(-1)).sum(-1).mean())
 
     return student, sample, F.cross_entropy, metric, 1.0
+
+
+def _student(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
+    torch.manual_seed(seed)
+    return make()
+
+
+def _mlp(seed: int):
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    teacher = _randomize(MLP(32, 64, 8), gen, 1.0)
+    return _regression(teacher, _student(seed, lambda: MLP(32, 64, 8)), gen, 32, 64)
+
+
+def _cls(seed: int):
+    gen = torch.Generator().manual_seed(30_000 + seed)
+    teacher = _randomize(MLP(32, 64, 16), gen, 2.0)
+    return _classification(teacher, _student(seed, lambda: MLP(32, 64, 16)), gen, 32, 64)
+
+
+def _deep_reg(seed: int, act: Callable[[Tensor], Tensor]):
+    """Held out: noise-free regression on a 3-layer teacher (16 -> 64 -> 64 -> 4)."""
+    gen = torch.Generator().manual_seed(40_000 + seed)
+    teacher = _randomize(MLP3(16, 64, 4, act), gen, 1.5)
+    return _regression(teacher, _student(seed, lambda: MLP3(16, 64, 4, act)), gen, 16, 128)
+
+
+def _deep_cls(seed: int):
+    """Held out: 10 classes sampled from a GELU teacher's softmax (32 -> 128 -> 128 -> 10)."""
+    gen = torch.Generator().manual_seed(50_000 + seed)
+    teacher = _randomize(MLP3(32, 128, 10, F.gelu), gen, 2.0)
+    return _classification(teacher, _student(seed, lambda: MLP3(32, 128, 10, F.gelu)), gen, 32, 128)
 
 
 TESTBEDS = {
