@@ -1,7 +1,8 @@
 """KV-cache decode speed of a ~1.1B Llama-shaped model: bf16 vs our packed int8/int4/nvfp4 kernels.
 
 The model (defined here, random init, no download) is Llama-3-shaped: d=2048, 16 layers, 32 heads
-with 8 KV heads, SwiGLU 8192, vocab 32000 (`--size 8b`: Llama-3.1-8B's shapes), untied head, RoPE, a static KV cache (gpt-fast style).
+with 8 KV heads, SwiGLU 8192, vocab 32000 (`--size 8b`: Llama-3.1-8B's shapes), untied head, RoPE, a
+static KV cache (gpt-fast style).
 Each Linear weight is replaced by `to_torchao(w, fmt, default block, "LotionPackedTensor")` (the
 tensor `lotion_fx.convert` makes: RTN codes, F.linear -> our Triton kernels on CUDA);
 `torchao-int8` / `torchao-int4` are torchao's own Int8WeightOnlyConfig / Int4WeightOnlyConfig
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -261,7 +261,8 @@ def main() -> None:
             ap.error(f"unknown layout {lay!r}: choose from {', '.join(LAYOUTS)} (or a comma list)")
     T.GEMV_KERNEL = args.gemv
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    c = Cfg(dim=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=1024, max_len=128) if args.quick else SIZES[args.size]
+    quick = Cfg(dim=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=1024, max_len=128)
+    c = quick if args.quick else SIZES[args.size]
     prefill = min(args.prefill, c.max_len // 2)
     bw = copy_bandwidth(device)
     with torch.device("meta"):

@@ -15,12 +15,14 @@ on the host's launch time, which LOTION's compiled step is bound by without CUDA
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import os
 import sys
 import time
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from tabulate import tabulate
 
@@ -112,14 +114,10 @@ def run(method: str, fmt: str | None, curvature: str | None, compiled: bool, arg
 def parse_inductor_options(text: str) -> dict[str, object]:
     """'cpp_wrapper=True,combo_kernels=True' -> {'cpp_wrapper': True, 'combo_kernels': True}; an unknown
     torch._inductor.config key is an error naming it."""
-    import ast
-
-    import torch._inductor.config as icfg
-
     out: dict[str, object] = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
-        if not sep or not hasattr(icfg, key.strip()):
+        if not sep or not hasattr(inductor_config, key.strip()):
             raise SystemExit(f"--inductor: {item!r} is not key=value with a torch._inductor.config key")
         out[key.strip()] = ast.literal_eval(value.strip())
     return out
@@ -144,10 +142,8 @@ def main() -> None:
                     "key=value (Python literals), e.g. cpp_wrapper=True,combo_kernels=True")
     args = ap.parse_args()
     inductor = parse_inductor_options(args.inductor)
-    import torch._inductor.config as icfg
-
     for key, value in inductor.items():
-        setattr(icfg, key, value)
+        setattr(inductor_config, key, value)
     cfg = GPTConfig.preset("gpt2")
     cases = CASES
     if args.cases:

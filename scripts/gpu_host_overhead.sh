@@ -2,7 +2,8 @@
 # LOTION's compiled GPT-2 step without CUDA graphs is bound by the host's kernel launches (README Costs).
 # This times plain and LOTION int4 under torch.compile's default mode with Inductor's own levers on launch
 # time: the default Python wrapper, the C++ wrapper (cpp_wrapper) and horizontal fusion (combo_kernels).
-#   source scripts/device_setup.sh && bash scripts/gpu_host_overhead.sh
+#   source scripts/device_setup.sh && [OPTIONS="none cpp_wrapper=True combo_kernels=True"] bash scripts/gpu_host_overhead.sh
+# (each word of OPTIONS is one bench run: "none", or --inductor's comma list of key=value)
 set -u
 out=${OUT:-/tmp/gpu_host_overhead}
 mkdir -p "$out"
