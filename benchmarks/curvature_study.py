@@ -32,6 +32,7 @@ import argparse
 import functools
 import math
 import statistics
+from fractions import Fraction
 import sys
 import time
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ TESTBEDS.update(HELDOUT)
 GROUPS = {"heldout": list(HELDOUT), "tuned": ["linear", "mlp", "cls"]}
 
 # name -> (method, LotionConfig overrides); "default" is LotionConfig's own defaults (gn_sampled,
-# lam 1 reached after a 500-step linear warm-up). "half" = a warm-up over half of the run.
+# lam 1 reached after a 500-step linear warm-up). A fraction as a string ("1/2") is that part of the run's steps.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "ptq": ("ptq", {}),
     "qat": ("qat", {}),
@@ -203,23 +204,25 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gn lam 1 warmup 300": ("lotion", {"lam": 1.0, "lam_warmup": 300}),
     "gn lam 1 warmup 100": ("lotion", {"lam": 1.0, "lam_warmup": 100}),
     "sampled": ("lotion_sampled", {}),
-    "gn lam 1 warmup 1/2": ("lotion", {"lam": 1.0, "lam_warmup": "half"}),
+    "gn lam 1 warmup 1/2": ("lotion", {"lam": 1.0, "lam_warmup": "1/2"}),
     "gn lam 0.5 warmup 500": ("lotion", {"lam": 0.5, "lam_warmup": 500}),
-    "gn lam 0.3 warmup 1/2": ("lotion", {"lam": 0.3, "lam_warmup": "half"}),
+    "gn lam 0.3 warmup 1/2": ("lotion", {"lam": 0.3, "lam_warmup": "1/2"}),
     "gn lam 1 every 1": ("lotion", {"curvature_every": 1}),
     "every 20": ("lotion", {"curvature_every": 20}),
     "batch 1/2": ("lotion", {"curvature_batch_fraction": 0.5}),
     "batch 1/4": ("lotion", {"curvature_batch_fraction": 0.25}),
     "gn lam 1 beta 0.8": ("lotion", {"beta": 0.8}),
+    # LOTION (the default) for the first part of the run, then QAT's forward from its weights
+    "qat from 1/4": ("lotion", {"qat_from_step": "1/4"}),
+    "qat from 1/2": ("lotion", {"qat_from_step": "1/2"}),
+    "qat from 9/10": ("lotion", {"qat_from_step": "9/10"}),
 }
 
 
 def train_one(tb: Testbed, variant: str, seed: int, steps: int) -> tuple[float, float]:
     """(full-precision metric, quantized metric) of one run; nan if training diverged."""
     method, over = VARIANTS[variant]
-    over = dict(over)
-    if over.get("lam_warmup") == "half":
-        over["lam_warmup"] = steps // 2
+    over = {k: int(steps * Fraction(v)) if isinstance(v, str) else v for k, v in over.items()}
     student, sample, loss_fn, metric, loss_scale = tb.make(seed)
     cfg = lotion_fx.LotionConfig(method=method, format=tb.fmt, block_size=tb.block, seed=seed, **over)
     model = lotion_fx.prepare(student, cfg)

@@ -45,6 +45,7 @@ class RunConfig:
     weight_decay: float = 0.1
     lam: float | None = None  # None: LotionConfig's defaults for lam, its warm-up and the curvature
     lam_warmup: int | None = None
+    qat_from_step: int | None = None
     curvature: str | None = None
     curvature_scale: float | None = None
     curvature_every: int | None = None
@@ -119,7 +120,9 @@ def train(rc: RunConfig) -> dict:
     n_params = model.num_params()
     tokens_per_step = rc.batch * rc.seq * world
     qmethod = "ptq" if rc.method == "none" else rc.method
-    overrides = {k: v for k, v in (("lam", rc.lam), ("lam_warmup", rc.lam_warmup), ("curvature", rc.curvature),
+    overrides = {k: v for k, v in (("lam", rc.lam), ("lam_warmup", rc.lam_warmup),
+                                   ("qat_from_step", rc.qat_from_step if qmethod == "lotion" else None),
+                                   ("curvature", rc.curvature),
                                    ("curvature_scale", rc.curvature_scale),
                                    ("curvature_every", rc.curvature_every),
                                    ("curvature_batch_fraction", rc.curvature_batch_fraction),
@@ -267,6 +270,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--lam", type=float, default=None, help="default: LotionConfig's")
     p.add_argument("--lam-warmup", type=int, default=None, help="steps of linear lam warm-up (default: LotionConfig's)")
+    p.add_argument("--qat-from-step", type=int, default=None,
+                   help="lotion: from this step on train with QAT's forward (LotionConfig.qat_from_step)")
     p.add_argument("--curvature", default=None, choices=list(lotion_fx.config.CURVATURES))
     p.add_argument("--curvature-scale", type=float, default=None, help="default: LotionConfig's (1)")
     p.add_argument("--curvature-every", type=int, default=None, help="steps between refreshes (default: LotionConfig's)")

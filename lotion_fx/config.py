@@ -44,6 +44,12 @@ class LotionConfig:
         "adam": the optimizer's exp_avg_sq, after `attach_optimizer` (same scale as "ema").
         "kfac_diag": factored, g_ij = (sum_m delta_mi^2) * mean_m x_mj^2 from the Linear's input x and
         output gradient delta in the same sampled-target pass; state O(in + out) per layer.
+    qat_from_step: from this optimizer step on (counted by `lotion_fx.curvature_step`, like the warm-up), a
+        `lotion` node rounds its forward to nearest with a straight-through backward, as `qat` does, and the
+        curvature refresh stops: LOTION smooths the start of the run, QAT fine-tunes from its weights. None
+        (default): LOTION throughout. On small MLPs and classifiers, where LOTION alone loses to QAT, half the
+        run beat QAT on 7 of 9 held-out testbeds (docs/curvature.md: "Finishing with QAT"). Not saved with a
+        checkpoint's config: it is the loop's business, like the run's length.
     curvature_every: steps between two sampled-target backward passes of "gn_sampled"/"kfac_diag".
     curvature_batch_fraction: that pass runs on the first ceil(fraction * B) examples of the step's
         inputs (every tensor argument whose leading dim is B, the first tensor argument's): its cost
@@ -68,6 +74,7 @@ class LotionConfig:
     block_size: int | str | None = None
     lam: float = 1.0
     lam_warmup: int | None = None
+    qat_from_step: int | None = None
     curvature: str = "gn_sampled"
     curvature_every: int = 10
     curvature_batch_fraction: float = 0.25
@@ -111,6 +118,15 @@ class LotionConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        q = self.qat_from_step
+        if q is not None:
+            if isinstance(q, bool) or not isinstance(q, int) or q < 0:
+                raise ValueError(f"qat_from_step must be None or an int >= 0 (an optimizer step), got {q!r}")
+            if self.method != "lotion":
+                raise ValueError(
+                    f"qat_from_step switches a method='lotion' run to QAT's forward; method={self.method!r} "
+                    "has no LOTION phase: leave qat_from_step=None, or use method='lotion'"
+                )
         if isinstance(self.skip, str):
             object.__setattr__(self, "skip", (self.skip,))
         else:

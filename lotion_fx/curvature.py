@@ -179,7 +179,7 @@ def curvature_step(
         return False
     first = next(iter(smooth.values()))
     step = first.steps_taken()
-    refresh = cfg.curvature in SAMPLED and step % cfg.curvature_every == 0
+    refresh = cfg.curvature in SAMPLED and step % cfg.curvature_every == 0 and not first.qat_finish_at(step + 1)
     if refresh:
         if not (inputs or kwargs):
             raise ValueError(

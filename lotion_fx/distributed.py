@@ -106,6 +106,8 @@ def _apply_after_reduction(
     """The lotion backward (ops.lotion_backward_math: penalty from g of earlier steps, then for
     `ema` the update of g) applied in place to the reduced (global-batch mean) task gradient, once per
     optimizer step. w, grad, g are the local rows (all of them under DDP)."""
+    if sm.qat_phase:  # the QAT finish: the task gradient (straight-through) is all there is
+        return
     c = sm.config
     pen = functools.partial(penalty_grad_rows, tensor_amax=tensor_amax, group=group)
     out = lotion_backward_math(grad, w, g, sm.count, sm.lam_now, sm.fmt, sm.block, c.beta,

@@ -54,6 +54,9 @@ class LotionSmoother(nn.Module):
         self._g_offset = 0  # flat index of this process's first element of g (FSDP2 row shard)
         self.observing = False  # kfac_diag: set by curvature_step around its sampled pass
         self.sampling = False  # set around curvature_step's sampled pass (set_sampling_all)
+        # config.qat_from_step reached: the node rounds like `qat`. A host bool that flips once (a Python int
+        # read in forward would make Dynamo recompile every step); set by advance_all and on load.
+        self.qat_phase = self.qat_finish_at(0)
         dev = weight.device
         # the config travels in the state dict (as JSON bytes: torch.save and safetensors alike), so a
         # checkpoint is never loaded into a model prepared differently
@@ -98,10 +101,10 @@ class LotionSmoother(nn.Module):
         return torch.tensor(list(data), dtype=torch.uint8, device=dev)
 
     def _config_record(self) -> dict[str, Any]:
-        """What a checkpoint must agree on; grad_accum_steps and the refresh's batch fraction are the
-        loop's business and may change."""
+        """What a checkpoint must agree on; grad_accum_steps, the refresh's batch fraction and the step that
+        starts the QAT finish are the loop's business and may change."""
         rec = {**dataclasses.asdict(self.config), "skip": list(self.config.skip), "block": self.block}
-        del rec["grad_accum_steps"], rec["curvature_batch_fraction"]
+        del rec["grad_accum_steps"], rec["curvature_batch_fraction"], rec["qat_from_step"]
         return rec
 
     def check_loadable(self, state_dict: dict[str, Tensor], prefix: str) -> None:
@@ -134,11 +137,19 @@ class LotionSmoother(nn.Module):
             state_dict[prefix + "config_json"] = self._buffers["config_json"]
         self._host_steps = None  # the loaded `steps` buffer is the truth again
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.config.qat_from_step is not None and self.steps.device.type != "meta":
+            self.qat_phase = self.qat_finish_at(self.steps_taken())
 
     # ------------------------------------------------------------------ curvature
     def _lam_at(self, step: int) -> float:
         c = self.config
         return c.lam if c.lam_warmup == 0 else c.lam * min(1.0, step / c.lam_warmup)
+
+    def qat_finish_at(self, calls: int) -> bool:
+        """Whether the training step after `calls` calls of curvature_step (step index calls - 1) is in the
+        QAT finish."""
+        q = self.config.qat_from_step
+        return q is not None and calls - 1 >= q
 
     def curvature(self, w: Tensor) -> tuple[Tensor, Tensor, float, bool] | None:
         """(g, count, beta, update-in-backward) for the penalty, or None while no curvature exists."""
@@ -263,7 +274,7 @@ class LotionSmoother(nn.Module):
         c = self.config
         if self.passthrough or not self.training or c.method in ("none", "ptq"):
             return w
-        if c.method == "qat":
+        if c.method == "qat" or self.qat_phase:
             if self._triton_kernel_for(w, stochastic=False):
                 return torch.ops.lotion_fx.rtn_quantize_triton(w, self.fmt, self.block)
             return torch.ops.lotion_fx.rtn_quantize(w, self.fmt, self.block)
@@ -321,7 +332,8 @@ class LotionSmoother(nn.Module):
 # foreach launch per buffer kind instead of one kernel per weight (~50 on GPT-2, every step).
 @torch.no_grad()
 def advance_all(smoothers: list[LotionSmoother]) -> None:
-    """One optimizer step passed for each smoother: count it, move lam along its warm-up."""
+    """One optimizer step passed for each smoother: count it, move lam along its warm-up (and into the QAT
+    finish at `qat_from_step`)."""
     if not smoothers:
         return
     taken = [sm.steps_taken() for sm in smoothers]  # read (after a load: from the buffer) before adding
@@ -330,6 +342,7 @@ def advance_all(smoothers: list[LotionSmoother]) -> None:
     for sm, before in zip(smoothers, taken):
         n = before + 1
         sm._host_steps = n
+        sm.qat_phase = sm.qat_finish_at(n)
         if sm._lam_at(n) != sm._lam_at(n - 1):  # after the warm-up: nothing to write
             moved.append((sm.lam_now, sm._lam_at(n)))
     _fill_all(moved)

@@ -3,10 +3,10 @@
 # stdlib corpus, int4 per row and per tensor, seeds 0-2, PTQ / QAT / LOTION variants, all runs at
 # once on one GPU. Usage on the GPU machine, from the repo root:
 #   source scripts/device_setup.sh && STEPS=1200 bash scripts/gpu_curvature_study.sh
-# VARIANTS: names from the case list below. Records: /tmp/study/*.json; the table goes to stdout and
+# VARIANTS: names from the case list below. Records: ${DEST:-/tmp/study}/*.json; the table goes to stdout and
 # ${OUT:-results}/curvature_lm.txt.
 set -u
-DEST=/tmp/study; mkdir -p "$DEST" "${OUT:-results}"
+DEST=${DEST:-/tmp/study}; mkdir -p "$DEST" "${OUT:-results}"
 STEPS=${STEPS:-1200}
 SEEDS=${SEEDS:-0 1 2}
 BLOCKS=${BLOCKS:-row tensor}
@@ -29,6 +29,8 @@ args_for() {  # variant -> train_lm.py arguments (lotion = the library default)
     lotion_batch0.5) echo "--method lotion --curvature-batch-fraction 0.5";;
     lotion_batch0.25) echo "--method lotion --curvature-batch-fraction 0.25";;
     lotion_batch1) echo "--method lotion --curvature-batch-fraction 1";;
+    lotion_qat_half) echo "--method lotion --qat-from-step $((STEPS / 2))";;  # LOTION, then QAT from half the run
+    lotion_qat_tenth) echo "--method lotion --qat-from-step $((STEPS * 9 / 10))";;
     lotion_warm) echo "--method lotion --lam 1 --lam-warmup $((STEPS / 2))";;
     *) echo "unknown variant $1" >&2; exit 2;;
   esac

@@ -281,3 +281,68 @@ def test_compiled_fullgraph_matches_eager(curvature):
         gc = lotion_fx.smoothers(compiled._orig_mod)[n].g
         torch.testing.assert_close(gc.float(), ge.float(), rtol=1e-2 if curvature == "gn_sampled" else 1e-4, atol=1e-10)
         assert lotion_fx.smoothers(compiled._orig_mod)[n].count.item() == 2
+
+
+def test_qat_finish_switches_to_rtn_forward_and_stops_the_refresh(tmp_path):
+    """qat_from_step=k: k steps of LOTION (identity forward, penalty in the backward, g refreshed), then the
+    forward is RTN(w) with a straight-through backward and g is frozen; a checkpoint past k resumes in QAT."""
+    torch.manual_seed(9)
+    k = 3
+    cfg = lotion_fx.LotionConfig(block_size=16, curvature_every=1, lam_warmup=0, qat_from_step=k)
+    model = MLP()
+    prepared = lotion_fx.prepare(model, cfg)
+    opt = torch.optim.SGD(prepared.parameters(), lr=1e-2)
+    sm = lotion_fx.smoothers(prepared)["fc1.weight"]
+    for step in range(k + 2):
+        x, y = data(step, dtype=torch.float32)
+        refreshed = lotion_fx.curvature_step(prepared, x, loss="mse")
+        assert refreshed == (step < k)
+        w1, w2 = model.fc1.weight.detach().clone(), model.fc2.weight.detach().clone()
+        if step < k:  # LOTION: full-precision forward, the task gradient plus the penalty's
+            q1, q2 = w1, w2
+        else:  # QAT: RTN forward, the gradient at the rounded weights goes to w unchanged (no clamping in int4)
+            q1, q2 = R.fake_quantize(w1, "int4", 16), R.fake_quantize(w2, "int4", 16)
+        q1, q2 = q1.clone().requires_grad_(), q2.clone().requires_grad_()
+        ref = F.linear(torch.tanh(F.linear(x, q1, model.fc1.bias)), q2, model.fc2.bias)
+        out = prepared(x)
+        assert torch.equal(out, ref.detach())
+        F.mse_loss(out, y).backward()
+        F.mse_loss(ref, y).backward()
+        expect = q1.grad
+        if step < k:
+            expect = expect + int4_penalty_grad(w1.double(), sm.g_hat(w1).double(), 1.0, 16).float()
+            close(model.fc1.weight.grad, expect)
+        else:
+            assert torch.equal(model.fc1.weight.grad, expect)
+        opt.step()
+        opt.zero_grad()
+    assert int(sm.count) == k and int(sm.steps) == k + 2
+    torch.save(prepared.state_dict(), tmp_path / "ckpt.pt")
+    # qat_from_step is the loop's business: a checkpoint resumes under another value, and the phase follows
+    # the loaded step count
+    for q, phase in ((k, True), (100, False)):
+        resumed = lotion_fx.prepare(MLP(), lotion_fx.LotionConfig(block_size=16, curvature_every=1, lam_warmup=0,
+                                                                  qat_from_step=q))
+        resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+        assert lotion_fx.smoothers(resumed)["fc1.weight"].qat_phase is phase
+    with pytest.raises(ValueError, match="qat_from_step switches a method='lotion' run"):
+        lotion_fx.LotionConfig(method="qat", qat_from_step=10)
+    with pytest.raises(ValueError, match="qat_from_step must be None or an int >= 0"):
+        lotion_fx.LotionConfig(qat_from_step=-1)
+
+
+def test_qat_finish_under_torch_compile_switches_once():
+    """The switch is a host bool flipped once: the compiled model recompiles at step k and then rounds."""
+    torch.manual_seed(10)
+    k = 2
+    model = MLP()
+    compiled = torch.compile(lotion_fx.prepare(model, lotion_fx.LotionConfig(block_size=16, qat_from_step=k)),
+                             backend="aot_eager", fullgraph=True)
+    for step in range(k + 2):
+        x, _ = data(step, dtype=torch.float32)
+        lotion_fx.curvature_step(compiled, x, loss="mse")
+        w1, w2 = model.fc1.weight.detach(), model.fc2.weight.detach()
+        if step >= k:
+            w1, w2 = R.fake_quantize(w1, "int4", 16), R.fake_quantize(w2, "int4", 16)
+        ref = F.linear(torch.tanh(F.linear(x, w1, model.fc1.bias)), w2, model.fc2.bias)
+        torch.testing.assert_close(compiled(x), ref, rtol=0, atol=1e-6)
