@@ -447,12 +447,21 @@ def _gemv3_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, b_ptr, o_ptr, M, N, K, stride_xm,
         xs = ()  # BM rows of x at the tile's columns: tuples of CPW (1, R, G)
         for m in tl.static_range(BM):
             xs = xs + (_xrow3(_xrow_ptr(x_ptr, m, M, stride_xm), xk, K, CPW, CH, not EVEN),)
-        for i in tl.static_range(CPW):
-            w = _round3(cs[i] * s, OUT, ROUND, i)  # the dequantized weight, bit-exact
+        if ROUND == 4:  # the scale factored out of the word's sum: codes x x, then one FMA by the scale
             new = ()
             for m in tl.static_range(BM):
-                new = new + (accs[m] + w * xs[m][i],)
+                part = cs[0] * xs[m][0]
+                for i in tl.static_range(1, CPW):
+                    part = part + cs[i] * xs[m][i]
+                new = new + (accs[m] + part * s,)
             accs = new
+        else:
+            for i in tl.static_range(CPW):
+                w = _round3(cs[i] * s, OUT, ROUND, i)  # the dequantized weight, bit-exact
+                new = ()
+                for m in tl.static_range(BM):
+                    new = new + (accs[m] + w * xs[m][i],)
+                accs = new
     nmask = offs_n < N
     out = o_ptr + pid_k * M * N + offs_n
     OT: tl.constexpr = o_ptr.dtype.element_ty
@@ -640,7 +649,8 @@ def _auto_wide_kernel(m: int, n: int, fmt: str, dtype: torch.dtype) -> str:
 GEMV3_MAX_M = 16  # v3 for M <= this (at most GEMV_MAX_M); 4 < M: _gemv3_config's M > 4 branch
 # (BLOCK_N, BLOCK_W, R, num_warps, split_k, ROUND) for every v3 launch (any M; v3dot takes BLOCK_N (>= 16),
 # BLOCK_W, num_warps and split_k), for sweeps; GEMV3_ROUND replaces only the bf16 rounding of v3 (0: Triton's
-# cast, 1: packed cvt, 2: Veltkamp, 3: one code in 4 Veltkamp, see _round3)
+# cast, 1: packed cvt, 2: Veltkamp, 3: one code in 4 Veltkamp, see _round3; 4: no per-weight rounding, the
+# block scale factored out of each word's sum: sum_b s_b sum_k q_k x_k, exact s_b q_k instead of x's dtype)
 GEMV3_OVERRIDE: tuple[int, int, int, int, int, int] | None = None
 GEMV3_ROUND: int | None = None
 GEMM_OVERRIDE: tuple[int, int, int, int, int] | None = None  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)

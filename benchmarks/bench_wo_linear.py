@@ -6,7 +6,7 @@ the weights come from HBM, not L2, as in a decode step. Columns: time per call, 
 shape. `--kernels v2,v3` times each GEMV variant at M <= 16 (triton_matmul.GEMV_KERNEL: "v2" is the
 tl.sum GEMV for M <= 4 and the split-K tl.dot GEMV for 4 < M <= 16, "v3" is _gemv3_kernel for every
 M <= 16, "v3dot" is v3 with _gemv3dot_kernel (v3's decode, tensor-core tl.dot) for 4 < M <= 16; "v3r0" ...
-"v3r3" are v3 with GEMV3_ROUND = 0 ... 3) at each shape, format and M, after checking
+"v3r4" are v3 with GEMV3_ROUND = 0 ... 4; 4 factors the block scale out) at each shape, format and M, after checking
 it (one-hot columns bit-exact, random x within the fp32-accumulation bound: column "check"). `--sweep`
 also tries launch configurations of the v2 GEMV (and the tl.dot GEMV at M = 8), `--sweep3` of the v3 GEMV
 (M <= 16; and of v3dot at M > 4 where --kernels has it), and prints the best per shape. `--shapes` picks
@@ -140,8 +140,8 @@ def main() -> None:
     args = ap.parse_args()
     kernels = args.kernels.split(",") if args.kernels else [T.GEMV_KERNEL]
     for v in kernels:
-        if v not in ("auto", "v2", "v3", "v3dot", "v3r0", "v3r1", "v3r2", "v3r3"):
-            ap.error(f"unknown GEMV variant {v!r}: choose from auto, v2, v3, v3dot, v3r0, v3r1, v3r2, v3r3")
+        if v not in ("auto", "v2", "v3", "v3dot", "v3r0", "v3r1", "v3r2", "v3r3", "v3r4"):
+            ap.error(f"unknown GEMV variant {v!r}: choose from auto, v2, v3, v3dot, v3r0, v3r1, v3r2, v3r3, v3r4")
     by_name = {s[2]: s for s in SHAPES + FUSED_SHAPES + SHAPES_8B}
     for name in args.shapes.split(","):
         if name not in by_name:

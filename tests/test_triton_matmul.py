@@ -208,6 +208,28 @@ def test_v3_launch_configs(fmt: str, block, k: int, cfg, rows, kernel: str, monk
 
 
 @interpret
+@pytest.mark.parametrize("fmt,block,k", CASES)
+@pytest.mark.parametrize("m,dtype", [(1, BF16), (3, F32), (8, BF16), (2, F16)])
+def test_v3_factored_scale(fmt: str, block, k: int, m: int, dtype: torch.dtype, monkeypatch) -> None:
+    """GEMV3_ROUND = 4 sums codes x x per word and applies the block scale once: one-hot rows still give the
+    dequantized weight exactly (one product, rounded once to x's dtype), random rows the float64 product of the
+    dequantized weight within the output rounding (its weights are s q exactly, not rounded to x's dtype)."""
+    launched = _use_kernel(monkeypatch, "v3")
+    monkeypatch.setattr(T, "GEMV3_ROUND", 4)
+    w = _weight(N, k, dtype, _dev(), seed=m)
+    t = _packed(w, fmt, block)
+    wq = lotion_fx.fake_quantize(w, fmt, block)
+    cols = torch.randperm(k, generator=torch.Generator().manual_seed(m))[:m].to(w.device)
+    assert torch.equal(_run(F.one_hot(cols, k).to(dtype), t), wq[:, cols].T)
+    x = torch.randn(k, m, device=w.device).to(dtype).T  # not contiguous
+    bias = torch.randn(N, device=w.device).to(dtype)
+    want = _f64_linear(x, wq, bias)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert (_run(x, t, bias).double() - want).abs().max() <= tol * want.abs().amax()
+    assert launched == ["v3", "v3"]
+
+
+@interpret
 @pytest.mark.parametrize("fmt,block,k", [("int4", "tensor", 36), ("int8", 6, 48)])
 @pytest.mark.parametrize("m", [3, 8])
 def test_v3_falls_back_to_v2(fmt: str, block, k: int, m: int, monkeypatch) -> None:
