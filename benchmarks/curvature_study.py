@@ -32,10 +32,10 @@ import argparse
 import functools
 import math
 import statistics
-from fractions import Fraction
 import sys
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
